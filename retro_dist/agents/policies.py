@@ -1,0 +1,84 @@
+"""The two roles a rollout worker plays: the frozen actor and the retrospective model (reflector).
+
+When both are served by vLLM from the same base checkpoint, one engine serves both: the actor's
+requests carry no adapter, the reflector's carry the newest LoRA adapter.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from retro_dist.agents import prompts
+from retro_dist.agents.backends import (Adapter, Backend, Generation, HFBackend, OpenAIBackend,
+                                        VLLMBackend)
+from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
+
+
+class ActorPolicy:
+    """Frozen actor: prompt -> one environment command."""
+
+    def __init__(self, cfg: ActorConfig, backend: Backend | OpenAIBackend):
+        self.cfg = cfg
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+
+    def fits(self, text: str) -> bool:
+        if self.tokenizer is None:  # remote actor without a local tokenizer: ~4 chars a token
+            return len(text) <= 4 * self.cfg.max_prompt_tokens
+        return len(self.tokenizer(text).input_ids) <= self.cfg.max_prompt_tokens
+
+    def act(self, prompt_texts: Sequence[str], seed: int) -> list[str]:
+        if isinstance(self.backend, OpenAIBackend):
+            texts = self.backend.generate_text(prompt_texts, self.cfg.max_new_tokens, self.cfg.temperature, seed)
+        else:
+            ids = [self.tokenizer(p).input_ids for p in prompt_texts]
+            gens = self.backend.generate(ids, self.cfg.max_new_tokens, self.cfg.temperature,
+                                         stop_at_newline=True, use_adapter=False, seed=seed)
+            texts = [g.text for g in gens]
+        return [prompts.action_from_text(t) for t in texts]
+
+
+class ReflectorPolicy:
+    """Retrospective model P_θ(y|x): base checkpoint + the newest LoRA adapter."""
+
+    def __init__(self, cfg: ReflectorConfig, backend: Backend, max_prompt_tokens: int):
+        self.cfg = cfg
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.version = -1  # no adapter loaded yet
+
+    def fits(self, text: str) -> bool:
+        return len(self.tokenizer(text).input_ids) <= self.max_prompt_tokens
+
+    def load(self, adapter: Adapter) -> None:
+        self.backend.load_adapter(adapter)
+        self.version = adapter.version
+
+    def reflect(self, prompt_texts: Sequence[str], seed: int) -> list[Generation]:
+        ids = [self.tokenizer(p).input_ids for p in prompt_texts]
+        return self.backend.generate(ids, self.cfg.max_new_tokens, self.cfg.temperature,
+                                     stop_at_newline=True, use_adapter=True, seed=seed)
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        return self.backend.score(prompt_ids, completion_ids, use_adapter=True)
+
+
+def build_policies(actor: ActorConfig, reflector: ReflectorConfig, engine: VLLMConfig,
+                   seed: int, device: str = "cpu") -> tuple[ActorPolicy, ReflectorPolicy]:
+    """Build the backends a worker needs, sharing one vLLM engine where the models coincide."""
+    refl_backend: Backend
+    if reflector.backend == "vllm":
+        refl_backend = VLLMBackend(reflector.model, engine, reflector, seed)
+    else:
+        refl_backend = HFBackend(reflector.model, reflector, device)
+    actor_backend: Optional[Backend | OpenAIBackend] = None
+    if actor.backend == "openai":
+        actor_backend = OpenAIBackend(actor, tokenizer_name=None)
+    elif actor.backend == "vllm" and reflector.backend == "vllm" and actor.model == reflector.model:
+        actor_backend = refl_backend  # one engine: actor requests go without the adapter
+    elif actor.backend == "vllm":
+        actor_backend = VLLMBackend(actor.model, engine, None, seed)
+    else:
+        actor_backend = HFBackend(actor.model, None, device)
+    return (ActorPolicy(actor, actor_backend),
+            ReflectorPolicy(reflector, refl_backend, actor.max_prompt_tokens))

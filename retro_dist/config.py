@@ -1,0 +1,316 @@
+"""Typed, documented, validated configuration, loaded from YAML.
+
+Each section is a small dataclass; every field carries a docstring (read by `config_reference`
+to print the README's config reference, so the two cannot drift). Each component receives only
+its own section. A typo, a wrong type or a conflict raises one `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from retro_dist.replay.config import ReplayConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "local"
+    """Run name; outputs go to `<output_dir>/<name>/`."""
+    output_dir: str = "runs"
+    """Folder that holds one sub-folder per run."""
+    seed: int = 0
+    """Seed for task sampling, reflection sampling and LoRA initialisation."""
+    iterations: int = 3
+    """Rollout → learn → broadcast iterations; the run stops cleanly after the last."""
+    resume: bool = False
+    """Continue an existing run folder (replay and checkpoints kept) instead of refusing it."""
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Ray cluster to join (`auto`, `ray://host:10001`, `host:6379`); null starts a local one on 127.0.0.1."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of the local cluster (null: enough for the workers and the learner)."""
+
+
+@dataclass
+class EnvConfig:
+    name: Literal["twx"] = "twx"
+    """Environment family. `twx` = TextWorldExpress."""
+    games: list[str] = field(default_factory=lambda: ["coin"])
+    """Games to mix (multi-task); each task's prompt names its game."""
+    game_params: str = "numLocations=4,includeDoors=0,numDistractorItems=0"
+    """TextWorldExpress game parameter string, applied to every game."""
+    split: Literal["train", "dev", "test"] = "train"
+    """Seed fold the rollouts draw tasks from."""
+    step_limit: int = 6
+    """Actor steps per trial before the trial counts as failed."""
+    num_tasks: int = 1000
+    """Distinct seeds per game in the fold (task ids cycle through them)."""
+
+
+@dataclass
+class VLLMConfig:
+    kv_cache_gib: int = 1
+    """KV-cache size on CPU builds (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory for the engine (GPU builds only)."""
+    max_model_len: int = 1024
+    """Longest prompt + generation the engine accepts."""
+    dtype: str = "float32"
+    """Engine dtype (`float32` on CPU; `bfloat16` on GPUs)."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph capture (faster start-up, required on CPU)."""
+    max_loras: int = 2
+    """Adapters resident at once (old and new policy during a swap)."""
+
+
+@dataclass
+class ActorConfig:
+    backend: Literal["vllm", "hf", "openai"] = "vllm"
+    """How the frozen actor is served: a vLLM engine, HF transformers, or an OpenAI-compatible endpoint."""
+    model: str = "models/tiny-lm"
+    """Local checkpoint folder or hub name (for `openai`: the served model name)."""
+    base_url: Optional[str] = None
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (backend `openai` only)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key (may be unset for local servers)."""
+    max_new_tokens: int = 8
+    """Tokens generated per action."""
+    temperature: float = 0.0
+    """Actor sampling temperature (0 = greedy)."""
+    max_prompt_tokens: int = 768
+    """Prompts are cut from the left (oldest trajectory steps first) to this many tokens."""
+    request_timeout_s: float = 30.0
+    """Per-request timeout for the `openai` backend."""
+
+
+@dataclass
+class ReflectorConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    """How the retrospective model is served to workers (the learner always uses HF + peft)."""
+    model: str = "models/tiny-lm"
+    """Base checkpoint of the retrospective model (local folder or hub name)."""
+    max_new_tokens: int = 24
+    """Tokens per reflection."""
+    temperature: float = 1.0
+    """Sampling temperature; 1.0 keeps the stored behaviour log-probs exact for importance ratios."""
+    lora_rank: int = 8
+    """LoRA rank of the trainable adapter."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Linear layers that get LoRA adapters."""
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 2
+    """Rollout workers (Ray actors); 0 runs one worker inside the driver process."""
+    worker_num_cpus: float = 1.0
+    """Ray CPUs reserved per worker."""
+    worker_num_gpus: float = 0.0
+    """Ray GPUs reserved per worker (for vLLM on GPU clusters)."""
+    tasks_per_iteration: int = 8
+    """Multi-trial episodes each worker runs per iteration."""
+    parallel_tasks: int = 4
+    """Episodes a worker steps in lockstep, so the engine sees batched prompts."""
+    trials: int = 3
+    """Trials per task (K); a reflection is written after each failed trial but the last."""
+    memory_size: int = 3
+    """Reflections kept in the actor's prompt (M, Reflexion's long-term memory)."""
+    max_consecutive_errors: int = 20
+    """A worker stops with an error after this many errored episodes in a row."""
+
+
+@dataclass
+class LearnerConfig:
+    device: str = "auto"
+    """`auto` (CUDA if present), `cpu` or `cuda`."""
+    num_gpus: float = 0.0
+    """Ray GPUs reserved for the learner."""
+    lr: float = 5e-4
+    """AdamW learning rate on the LoRA parameters."""
+    batch_size: int = 16
+    """Reflection samples per gradient step."""
+    micro_batch_size: int = 8
+    """Samples per forward pass (gradients are accumulated)."""
+    updates_per_iteration: int = 2
+    """Gradient steps per iteration (one policy version per iteration)."""
+    loss: Literal["reinforce", "ppo_clip"] = "reinforce"
+    """REINFORCE with truncated importance weights, or PPO's clipped surrogate."""
+    clip_eps: float = 0.2
+    """PPO clip range."""
+    is_truncation: float = 2.0
+    """Upper bound of the per-token importance ratio for `reinforce`."""
+    baseline: Literal["running_mean", "leave_one_out", "none"] = "running_mean"
+    """Baseline b(x): per-task running mean, leave-one-out over a batch's same-task samples, or none."""
+    baseline_decay: float = 0.9
+    """EMA decay of the per-task running-mean baseline."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    probe_tolerance: float = 2e-2
+    """Largest |log-prob| gap between learner and worker on the probe reflection after a sync."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    reflector: ReflectorConfig = field(default_factory=ReflectorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[key] = _build(hint_t, value, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(value, hint_t, dotted)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own __post_init__ check
+        raise ConfigError(str(err)) from None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file (or defaults when None) + `key.sub=value` overrides -> validated Config."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each conflict names the keys involved."""
+    r, a, lrn = cfg.rollout, cfg.actor, cfg.learner
+    if r.trials < 1 or r.memory_size < 0 or r.tasks_per_iteration < 1 or r.parallel_tasks < 1:
+        raise ConfigError("rollout: trials, tasks_per_iteration and parallel_tasks must be >= 1")
+    if r.num_workers < 0:
+        raise ConfigError("rollout.num_workers must be >= 0")
+    if a.backend == "openai" and not a.base_url:
+        raise ConfigError("actor.base_url is required when actor.backend is 'openai'")
+    if a.backend != "openai" and a.base_url:
+        raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
+    if lrn.batch_size % lrn.micro_batch_size:
+        raise ConfigError("learner.batch_size must be a multiple of learner.micro_batch_size")
+    if cfg.run.iterations < 1:
+        raise ConfigError("run.iterations must be >= 1")
+    if cfg.reflector.temperature <= 0:
+        raise ConfigError("reflector.temperature must be > 0 (the policy gradient needs a sampled reflection)")
+    if not cfg.env.games:
+        raise ConfigError("env.games must name at least one game")
+
+
+def as_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+_FIELD_LINE = re.compile(r"^    (\w+): [^=]+(=.*)?$")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string after it) or, failing that, the `#` comment above it."""
+    lines = inspect.getsource(cls).splitlines()
+    docs = {}
+    for i, line in enumerate(lines):
+        match = _FIELD_LINE.match(line)
+        if not match:
+            continue
+        after = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        before = lines[i - 1].strip() if i else ""
+        if after.startswith('"""'):
+            docs[match.group(1)] = after.strip('"')
+        elif before.startswith("#"):
+            docs[match.group(1)] = before.lstrip("# ")
+    return docs
+
+
+def config_reference() -> str:
+    """Markdown table of every config key, its default and its docstring."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        docs = _field_docs(cls)
+        defaults = dataclasses.asdict(cls())
+        for f in dataclasses.fields(cls):
+            lines.append(f"| `{section.name}.{f.name}` | `{defaults[f.name]!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Weight broadcast: the learner's adapter is put in the object store once; workers pull it by ref.
+
+`WeightBoard` is a plain class (wrapped with `ray.remote` in `launch.train`) holding the newest
+(version, ObjectRef). The ref travels boxed in a list so Ray hands it over without resolving it:
+each worker then fetches the tensors straight from the object store, once per version.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import ray
+
+from retro_dist.agents.backends import Adapter
+
+
+class WeightBoard:
+    def __init__(self):
+        self.version = -1
+        self.ref = None
+
+    def publish(self, version: int, boxed_ref: list) -> None:
+        self.version, self.ref = version, boxed_ref[0]
+
+    def latest(self, have_version: int) -> Optional[list]:
+        return None if self.version <= have_version else [self.ref]
+
+
+class RayWeightSource:
+    """The worker's `WeightSource` on a Ray cluster: ask the board, fetch the tensors by ref."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def __call__(self, have_version: int) -> Optional[Adapter]:
+        boxed = ray.get(self.board.latest.remote(have_version))
+        return None if boxed is None else ray.get(boxed[0])
+
+
+class LocalWeightSource:
+    """In-process stand-in for the board (rollout.num_workers: 0, unit tests)."""
+
+    def __init__(self):
+        self.adapter: Optional[Adapter] = None
+
+    def publish(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, have_version: int) -> Optional[Adapter]:
+        a = self.adapter
+        return a if a is not None and a.version > have_version else None

@@ -1,0 +1,299 @@
+"""ReplayStore: the reader side of the replay store (the learner's view).
+
+Merges every writer's catalog, maps the sealed segments it lists (mmap on local disk, so a
+large store costs page cache, not heap), drops repeated keys, and serves filtered reads and
+uniform / prioritised / curriculum samples. A segment that fails to read is moved to
+quarantine/ with one warning; temp segments are never read (their rows were never
+acknowledged, and the writer resends them). `refresh()` re-reads only catalog files whose
+size or mtime changed and loads only segments it has not seen.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retro_dist.core import sampling
+from retro_dist.core.records import SCHEMAS
+from retro_dist.replay.catalog import Catalog, SegmentEntry, StoreLocation, read_segment
+from retro_dist.replay.config import ReplayConfig
+from retro_dist.replay.ratelimit import RateLimitedError, RateLimiter
+from retro_dist.replay.view import TableView
+
+_BLOCK_POLL_S = 0.05
+
+
+@dataclass
+class SampledBatch:
+    table: pa.Table  # (B rows) drawn with replacement
+    probs: np.ndarray  # (B,) float64: probability each row had of being drawn (for IS weights)
+    indices: np.ndarray  # (B,) int64: row positions in read(table) order (valid until refresh)
+
+
+class ReplayStore:
+    def __init__(self, root_uri: str, cfg: ReplayConfig) -> None:
+        self.cfg = cfg
+        self._loc = StoreLocation(root_uri)
+        self._views: dict[str, TableView] = {}
+        self._limiters: dict[str, RateLimiter] = {}
+        self._seen: set[str] = set()  # rel paths already loaded, quarantined or skipped
+        self._stamps: dict[str, tuple[int, int]] = {}  # catalog path -> (mtime_ns, size)
+        self._cache: dict[tuple, tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = {}
+        self._counts = {"quarantined": 0, "missing_segments": 0, "evicted_segments": 0,
+                        "evicted_rows": 0, "rate_limited": 0, "sample_batches": 0,
+                        "sampled_rows": 0, "blocked_seconds": 0.0, "refresh_seconds": 0.0}
+        self.refresh()
+
+    # ---- catalog -----------------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Load newly catalogued segments, then apply retention. Returns segments loaded."""
+        t0 = time.perf_counter()
+        new: list[SegmentEntry] = []
+        for info in self._loc.list("catalog"):
+            if not info.base_name.endswith(".json"):
+                continue  # a writer's catalog temp file mid-rename
+            stamp = (info.mtime_ns or 0, info.size or 0)
+            if self._stamps.get(info.path) == stamp:
+                continue
+            self._stamps[info.path] = stamp
+            with self._loc.fs.open_input_stream(info.path, compression=None) as f:
+                catalog = Catalog.from_json(f.read())
+            new += [e for e in catalog.segments if e.rel_path not in self._seen]
+        new.sort(key=lambda e: (e.sealed_at, e.writer_id, e.seq))
+        loaded = sum(self._load(e) for e in new)
+        self._apply_retention()
+        self._counts["refresh_seconds"] = time.perf_counter() - t0
+        return loaded
+
+    def _view(self, table: str) -> TableView:
+        if table not in self._views:
+            self._views[table] = TableView(table, SCHEMAS.get(table))
+            self._limiters[table] = RateLimiter(self.cfg.min_size_to_sample,
+                                                self.cfg.samples_per_insert, self.cfg.error_buffer)
+        return self._views[table]
+
+    def _load(self, entry: SegmentEntry) -> int:
+        self._seen.add(entry.rel_path)
+        if not self._loc.exists(entry.rel_path):
+            self._account_missing(entry)
+            return 0
+        try:
+            data = read_segment(self._loc, entry.rel_path, entry.table, entry.rows, full=True)
+        except Exception as err:  # truncated, garbage, wrong schema, wrong row count
+            self._quarantine(entry, err)
+            return 0
+        kept = self._view(entry.table).add(entry, data)
+        self._limiters[entry.table].insert(kept)
+        return 1
+
+    def _account_missing(self, entry: SegmentEntry) -> None:
+        """A catalogued segment that is gone: evicted or quarantined by some reader, or lost."""
+        if self._loc.exists(f"evicted/{entry.table}/{entry.name}"):
+            return
+        if self._loc.exists(f"quarantine/{entry.name}"):
+            self._counts["quarantined"] += 1
+            return
+        self._counts["missing_segments"] += 1
+        warnings.warn(f"replay: catalogued segment {self._loc.path(entry.rel_path)} is missing; "
+                      f"its {entry.rows} rows are skipped", RuntimeWarning, stacklevel=4)
+
+    def _quarantine(self, entry: SegmentEntry, err: Exception) -> None:
+        src, dst = self._loc.path(entry.rel_path), self._loc.path(f"quarantine/{entry.name}")
+        try:
+            self._loc.makedirs("quarantine")
+            self._loc.fs.move(src, dst)
+        except OSError:
+            pass  # another reader moved it first; the warning below still names the file
+        self._counts["quarantined"] += 1
+        warnings.warn(f"replay: segment {src} is unreadable ({type(err).__name__}: {err}); "
+                      f"moved to {dst}, reading the rest", RuntimeWarning, stacklevel=4)
+
+    # ---- retention ---------------------------------------------------------------------------
+
+    def _apply_retention(self) -> None:
+        """Evict whole oldest segments of each table past retention_rows/bytes/seconds."""
+        cfg, now = self.cfg, time.time()
+        for table, view in self._views.items():
+            while view.entries and (
+                    (cfg.retention_rows is not None and view.num_rows > cfg.retention_rows)
+                    or (cfg.retention_bytes is not None and view.nbytes > cfg.retention_bytes)
+                    or (cfg.retention_seconds is not None
+                        and view.entries[0].sealed_at < now - cfg.retention_seconds)):
+                entry, rows = view.pop_oldest()
+                # Marker first: a reader that finds the file gone then knows it was evicted.
+                self._loc.touch(f"evicted/{table}/{entry.name}")
+                try:
+                    self._loc.fs.delete_file(self._loc.path(entry.rel_path))
+                except OSError:
+                    pass  # already deleted by another reader
+                self._limiters[table].delete(rows)
+                self._counts["evicted_segments"] += 1
+                self._counts["evicted_rows"] += rows
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def num_rows(self, table: str) -> int:
+        """Distinct-key rows held for `table` (0 if none yet)."""
+        return self._views[table].num_rows if table in self._views else 0
+
+    def read(self, table: str, *, min_policy_version: Optional[int] = None,
+             tasks: Optional[Sequence[str]] = None,
+             envs: Optional[Sequence[str]] = None) -> pa.Table:
+        """All held rows of `table` passing the filters, one row per key, oldest segment first."""
+        view = self._view(table)
+        mask = view.mask(min_policy_version, tasks, envs)
+        data = view.concat()
+        return data if mask is None else data.filter(pa.array(mask))
+
+    def sample(self, table: str, batch_size: int, *, rng: np.random.Generator, step: int = 0,
+               current_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
+               envs: Optional[Sequence[str]] = None,
+               priorities: Optional[np.ndarray] = None) -> Optional[SampledBatch]:
+        """Draw `batch_size` rows with replacement using cfg.sampler.
+
+        priorities: optional (num_rows(table),) scores aligned with read(table) order; they
+        replace the column-derived ones (priority_key) for "prioritised", and are the quality
+        for "curriculum". Returns None when the rate limiter refuses and on_overflow="drop".
+        """
+        if batch_size <= 0:
+            raise ValueError("sample: batch_size must be > 0")
+        if not self._admit(table, batch_size):
+            return None
+        view = self._view(table)
+        min_version = None
+        if current_version is not None and self.cfg.max_staleness is not None:
+            min_version = current_version - self.cfg.max_staleness
+        pool, probs, cdf = self._distribution(view, min_version, tasks, envs, step, priorities)
+        draws = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
+        draws = np.minimum(draws, cdf.size - 1)
+        indices = draws if pool is None else pool[draws]
+        self._limiters[table].sample(batch_size)
+        self._counts["sample_batches"] += 1
+        self._counts["sampled_rows"] += batch_size
+        return SampledBatch(view.take(indices), probs[draws], indices.astype(np.int64))
+
+    def _admit(self, table: str, n: int) -> bool:
+        """Ask the rate limiter; block (refreshing) or drop per cfg.on_overflow."""
+        self._view(table)
+        limiter = self._limiters[table]
+        if limiter.can_sample(n):
+            return True
+        if self.cfg.on_overflow == "drop":
+            self._counts["rate_limited"] += 1
+            return False
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.block_timeout_s
+        while not limiter.can_sample(n):
+            if time.monotonic() >= deadline:
+                self._counts["rate_limited"] += 1
+                self._counts["blocked_seconds"] += time.monotonic() - t0
+                raise RateLimitedError(
+                    f"replay: sampling {n} rows from {table!r} refused for "
+                    f"{self.cfg.block_timeout_s}s (rows={limiter.size}, min_size_to_sample="
+                    f"{limiter.min_size_to_sample}, limiter={limiter.state()})")
+            time.sleep(_BLOCK_POLL_S)
+            self.refresh()
+        self._counts["blocked_seconds"] += time.monotonic() - t0
+        return True
+
+    def _distribution(self, view: TableView, min_version, tasks, envs, step, priorities):
+        """(pool (M,) int64 or None for all rows, probs (M,), cdf (M,)) for one sample call.
+
+        Cached per (view version, filters, step-if-curriculum) so a learner sampling many
+        batches between refreshes pays the O(N) priority pass once.
+        """
+        sampler = self.cfg.sampler
+        key = (view.name, view.version, min_version, _frozen(tasks), _frozen(envs), sampler,
+               step if sampler == "curriculum" else None)
+        if priorities is None and key in self._cache:
+            return self._cache[key]
+        mask = view.mask(min_version, tasks, envs)
+        pool = None if mask is None else np.flatnonzero(mask)
+        m = view.num_rows if pool is None else pool.size
+        if m == 0:
+            raise ValueError(f"replay: no rows of {view.name!r} match the sampling filters")
+        if priorities is not None:
+            priorities = np.asarray(priorities, dtype=np.float64)
+            if priorities.shape != (view.num_rows,):
+                raise ValueError(f"sample: priorities must have shape ({view.num_rows},), "
+                                 f"got {priorities.shape}")
+        if sampler == "uniform":
+            probs = sampling.uniform_probs(m)
+        else:
+            score = priorities if priorities is not None else self._scores(view)
+            score = score if pool is None else score[pool]
+            if sampler == "prioritised":
+                probs = sampling.prioritised_probs(score, self.cfg.priority_exponent)
+            else:
+                quality = score if priorities is not None else score - score.min()
+                probs = sampling.curriculum_probs(quality, step, self.cfg.curriculum_anneal_steps)
+        result = (pool, probs, np.cumsum(probs))
+        if priorities is None:
+            self._cache = {key: result}  # older versions are dead: keep one entry
+        return result
+
+    def _scores(self, view: TableView) -> np.ndarray:
+        """(N,) column-derived priority: |reward| or |reward − mean reward of the row's task|.
+
+        The per-task mean is the store's stand-in for the learner's baseline b(x); pass
+        `priorities` to sample() to use the learner's own advantages instead.
+        """
+        reward = view.numpy("reward").astype(np.float64)
+        if self.cfg.priority_key == "reward_abs":
+            return np.abs(reward)
+        tasks = view.column("task_id")
+        means = pa.table({"t": tasks, "r": pa.chunked_array([reward])}).group_by("t").aggregate(
+            [("r", "mean")])
+        idx = pc.index_in(tasks, value_set=means["t"]).to_numpy()
+        return np.abs(reward - means["r_mean"].to_numpy()[idx])
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Rows, segments, bytes, quarantine/eviction counts, and per-table breakdowns."""
+        tables = {}
+        for name, view in sorted(self._views.items()):
+            tables[name] = {"rows": view.num_rows, "segments": len(view.entries),
+                            "bytes": view.nbytes, "duplicates_dropped": view.duplicates_dropped,
+                            "rows_per_policy_version": _counts_of(view, "policy_version"),
+                            "rows_per_task": _counts_of(view, "task_id")}
+        return {"root": self._loc.uri,
+                "rows": sum(t["rows"] for t in tables.values()),
+                "segments": sum(t["segments"] for t in tables.values()),
+                "bytes": sum(t["bytes"] for t in tables.values()),
+                "quarantined": self._counts["quarantined"],
+                "missing_segments": self._counts["missing_segments"],
+                "evicted_segments": self._counts["evicted_segments"],
+                "rows_per_table": {n: t["rows"] for n, t in tables.items()},
+                "tables": tables}
+
+    def metrics(self) -> dict:
+        """Flat `replay/...` scalars for the run logger."""
+        out = {"replay/rows": sum(v.num_rows for v in self._views.values()),
+               "replay/segments": sum(len(v.entries) for v in self._views.values()),
+               "replay/bytes": sum(v.nbytes for v in self._views.values()),
+               "replay/duplicates_dropped": sum(v.duplicates_dropped
+                                                for v in self._views.values())}
+        out.update({f"replay/{k}": v for k, v in self._counts.items()})
+        out.update({f"replay/rows/{n}": v.num_rows for n, v in self._views.items()})
+        return out
+
+
+def _frozen(values: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
+    return None if values is None else tuple(sorted(values))
+
+
+def _counts_of(view: TableView, column: str) -> dict:
+    if not view.parts or column not in view.parts[0].column_names:
+        return {}
+    counts = pc.value_counts(view.column(column))
+    return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))}
+
+
+__all__ = ["ReplayStore", "SampledBatch", "RateLimitedError"]

@@ -1,0 +1,254 @@
+"""ReplayWriter: one process's append-only writer into a replay store.
+
+Each (writer, table) has at most one open segment, an Arrow IPC stream under a temp name.
+Sealing = close the stream, fsync, atomic rename to the final name, then rewrite this writer's
+catalog file (the commit point, see catalog.py). A crash therefore loses at most the open
+segments' rows, which the caller never saw acknowledged (`committed_rows` did not count them)
+and resends; keys already in sealed segments are dropped on the way in, so a resend after a
+restart is stored once. One writer_id must be used by one process at a time.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from retro_dist.core.records import SCHEMAS
+from retro_dist.replay.catalog import (TMP_SUFFIX, Catalog, SegmentEntry, StoreLocation,
+                                       catalog_rel, check_name, first_unseen, load_catalog,
+                                       parse_own_segment, read_segment, segment_name)
+from retro_dist.replay.config import ReplayConfig
+
+
+class _OpenSegment:
+    """A segment being written: the IPC stream and what its catalog entry will say."""
+
+    def __init__(self, loc: StoreLocation, table: str, name: str, seq: int,
+                 schema: pa.Schema) -> None:
+        self.table, self.name, self.seq = table, name, seq
+        self.rel = f"segments/{table}/{name}"
+        self.tmp_rel = self.rel + TMP_SUFFIX
+        self.sink = loc.fs.open_output_stream(loc.path(self.tmp_rel), compression=None)
+        self.stream = ipc.new_stream(self.sink, schema)
+        self.rows = 0
+        self.opened_at = time.monotonic()
+        self.min_version: Optional[int] = None
+        self.max_version: Optional[int] = None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.stream.write_batch(batch)
+        self.rows += batch.num_rows
+        if "policy_version" in batch.schema.names:
+            mm = pc.min_max(batch.column("policy_version"))
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            if lo is not None:
+                self.min_version = lo if self.min_version is None else min(self.min_version, lo)
+                self.max_version = hi if self.max_version is None else max(self.max_version, hi)
+
+    @property
+    def nbytes(self) -> int:
+        return self.sink.tell()
+
+
+class ReplayWriter:
+    def __init__(self, root_uri: str, writer_id: str, cfg: ReplayConfig) -> None:
+        self.cfg = cfg
+        self.writer_id = check_name("writer_id", writer_id)
+        self._loc = StoreLocation(root_uri)
+        for d in ("segments", "catalog", "quarantine"):
+            self._loc.makedirs(d)
+        self._catalog: Catalog = load_catalog(self._loc, writer_id)
+        self._open: dict[str, _OpenSegment] = {}
+        self._unacked = 0
+        # Keys this writer has stored, per table (trials and reflections share keys by design).
+        self._known: dict[str, set[str]] = {}
+        # Rows sealed and catalogued by this object: what a caller may treat as acknowledged.
+        self.committed_rows = 0
+        self._closed = False
+        self._recover()
+
+    # ---- restart -----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Pick up where an earlier process with this writer_id stopped.
+
+        Its temp segments were never acknowledged: delete them (the caller resends). A segment
+        renamed but not yet catalogued (killed between the two steps) is complete and fsynced:
+        adopt it. Sequence numbers continue past every file seen, so nothing is overwritten.
+        """
+        listed = {e.name for e in self._catalog.segments}
+        adopted = False
+        for info in self._loc.list("segments", recursive=True):
+            parsed = parse_own_segment(self.writer_id, info.base_name)
+            if parsed is None:
+                continue
+            seq, is_temp = parsed
+            self._catalog.next_seq = max(self._catalog.next_seq, seq + 1)
+            table = os.path.basename(os.path.dirname(info.path))
+            if is_temp:
+                self._loc.fs.delete_file(info.path)
+            elif info.base_name not in listed:
+                adopted |= self._adopt(table, info.base_name, seq, info.size)
+        if adopted:
+            self._loc.write_atomic(catalog_rel(self.writer_id), self._catalog.to_json())
+        for entry in self._catalog.segments:
+            self._load_keys(entry)
+
+    def _adopt(self, table: str, name: str, seq: int, size: int) -> bool:
+        rel = f"segments/{table}/{name}"
+        try:
+            data = read_segment(self._loc, rel, table)
+        except Exception as err:  # any damage: leave the evidence, keep it out of the store
+            self._loc.fs.move(self._loc.path(rel), self._loc.path(f"quarantine/{name}"))
+            warnings.warn(f"replay: quarantined uncatalogued segment {self._loc.path(rel)}: {err}",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        lo = hi = None
+        if "policy_version" in data.column_names and data.num_rows:
+            mm = pc.min_max(data["policy_version"])
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        self._catalog.segments.append(SegmentEntry(table, name, self.writer_id, seq,
+                                                   data.num_rows, size, time.time(), lo, hi))
+        return True
+
+    def _load_keys(self, entry: SegmentEntry) -> None:
+        if not self._loc.exists(entry.rel_path):
+            return  # evicted or quarantined by a reader: its rows are no longer stored
+        try:
+            data = read_segment(self._loc, entry.rel_path, entry.table, entry.rows)
+        except Exception:
+            return  # damaged: the reader quarantines it with a warning
+        self._known.setdefault(entry.table, set()).update(data.column("key").to_pylist())
+
+    # ---- append ------------------------------------------------------------------------------
+
+    def append(self, table: str, batch: pa.RecordBatch) -> int:
+        """Store the rows of `batch` whose key this writer has not stored yet.
+
+        batch: (B rows) with the table's schema (records.SCHEMAS) and a non-null `key` column.
+        Returns the number of rows newly written (B minus already-stored or repeated keys).
+        Rows become durable at the next seal; `committed_rows` counts them then.
+        """
+        if self._closed:
+            raise RuntimeError("ReplayWriter is closed")
+        self._check_schema(check_name("table", table), batch)
+        self._seal_due()
+        fresh, keys = self._drop_known(table, batch)
+        offset = 0
+        while offset < fresh.num_rows:
+            seg = self._open.get(table) or self._start(table, fresh.schema)
+            room = min(self.cfg.seal_rows - seg.rows, self.cfg.max_unacked_rows - self._unacked)
+            part = fresh.slice(offset, room)
+            seg.write(part)
+            offset += part.num_rows
+            self._unacked += part.num_rows
+            if seg.rows >= self.cfg.seal_rows or seg.nbytes >= self.cfg.seal_bytes:
+                self._seal_one(table)
+            if self._unacked >= self.cfg.max_unacked_rows:
+                self.seal()
+        self._known.setdefault(table, set()).update(keys)
+        return fresh.num_rows
+
+    def _check_schema(self, table: str, batch: pa.RecordBatch) -> None:
+        want = SCHEMAS.get(table)
+        if want is not None and not batch.schema.equals(want, check_metadata=False):
+            raise ValueError(f"replay table {table!r}: batch schema differs from records.SCHEMAS:"
+                             f"\n{batch.schema}\nexpected\n{want}")
+        key = batch.schema.field("key") if "key" in batch.schema.names else None
+        if key is None or key.type != pa.string():
+            raise ValueError(f"replay table {table!r}: needs a string 'key' column")
+        if batch.column("key").null_count:
+            raise ValueError(f"replay table {table!r}: 'key' has nulls")
+
+    def _drop_known(self, table: str, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[str]]:
+        """Drop rows whose key is already stored or repeats earlier in the batch.
+
+        Fast path (every fresh batch): one C-level set build and a disjointness test, no
+        per-row Python. The slow path (a resend) stays vectorised: is_in + group-by-min.
+        Returns (kept rows, their keys).
+        """
+        keys = batch.column("key").to_pylist()
+        known = self._known.get(table, set())
+        fresh = set(keys)
+        if len(fresh) == len(keys) and known.isdisjoint(fresh):
+            return batch, keys
+        kept = batch.take(pa.array(first_unseen(batch.column("key"), fresh & known)))
+        return kept, kept.column("key").to_pylist()
+
+    # ---- seal --------------------------------------------------------------------------------
+
+    def _start(self, table: str, schema: pa.Schema) -> _OpenSegment:
+        self._loc.makedirs(f"segments/{table}")
+        while True:  # belt and braces: never reuse a name that exists, sealed or temp
+            seq = self._catalog.next_seq
+            name = segment_name(self.writer_id, seq)
+            self._catalog.next_seq += 1
+            rel = f"segments/{table}/{name}"
+            if not (self._loc.exists(rel) or self._loc.exists(rel + TMP_SUFFIX)):
+                break
+        seg = _OpenSegment(self._loc, table, name, seq, schema)
+        self._open[table] = seg
+        return seg
+
+    def _seal_due(self) -> None:
+        now = time.monotonic()
+        due = [t for t, seg in self._open.items() if now - seg.opened_at >= self.cfg.seal_seconds]
+        if due:
+            self._seal_tables(due)
+
+    def _seal_one(self, table: str) -> int:
+        return self._seal_tables([table])
+
+    def _seal_tables(self, tables: list[str]) -> int:
+        """Flush, fsync, rename each table's open segment, then catalogue them in one write.
+
+        The catalog write is the commit: a crash before it leaves renamed but uncatalogued
+        segments, which the next writer with this id adopts (see _recover).
+        """
+        sealed = []
+        for table in tables:
+            seg = self._open.pop(table)
+            seg.stream.close()  # writes the end-of-stream marker
+            nbytes = seg.nbytes
+            seg.sink.close()
+            self._loc.fsync(seg.tmp_rel)
+            self._loc.fs.move(self._loc.path(seg.tmp_rel), self._loc.path(seg.rel))
+            self._loc.fsync(f"segments/{table}", directory=True)
+            sealed.append(SegmentEntry(table, seg.name, self.writer_id, seg.seq, seg.rows, nbytes,
+                                       time.time(), seg.min_version, seg.max_version))
+        if not sealed:
+            return 0
+        self._catalog.segments.extend(sealed)
+        self._loc.write_atomic(catalog_rel(self.writer_id), self._catalog.to_json())
+        rows = sum(e.rows for e in sealed)
+        self._unacked -= rows
+        self.committed_rows += rows
+        return rows
+
+    def seal(self) -> int:
+        """Seal every open segment now. Returns the rows committed by this call."""
+        return self._seal_tables(list(self._open))
+
+    @property
+    def unacked_rows(self) -> int:
+        """Rows written to open segments, not yet durable."""
+        return self._unacked
+
+    def close(self) -> None:
+        if not self._closed:
+            self.seal()
+            self._closed = True
+
+    def __enter__(self) -> "ReplayWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["ReplayWriter"]

@@ -1,0 +1,134 @@
+"""RolloutWorker: environments + frozen actor + reflector + a replay writer. A plain class.
+
+`launch/` wraps it with `ray.remote`; tests and `rollout.num_workers: 0` run it in-process.
+Between episode batches it asks its weight source for a newer adapter (IMPALA-style pull), loads
+it, and checks the probe: its log-probs of the learner's probe reflection must match the
+learner's within tolerance, or the sync is an error.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from retro_dist.agents.backends import Adapter
+from retro_dist.agents.policies import build_policies
+from retro_dist.config import ActorConfig, EnvConfig, ReflectorConfig, RolloutConfig, VLLMConfig
+from retro_dist.core.records import to_batch
+from retro_dist.envs.twx import TwxEnv, twx_tasks
+from retro_dist.replay.config import ReplayConfig
+from retro_dist.replay.writer import ReplayWriter
+from retro_dist.rollout.episode import EpisodeIds, run_episodes
+
+# Given the version a worker holds, returns a newer Adapter or None.
+WeightSource = Callable[[int], Optional[Adapter]]
+
+
+class WeightSyncError(RuntimeError):
+    """The worker's reflector does not reproduce the learner's log-probs after loading new weights."""
+
+
+@dataclass
+class WorkerSpec:
+    """The config slices a worker needs, and nothing else."""
+
+    run_id: str
+    worker_id: int
+    num_workers: int  # task numbering interleaves workers so no two run the same episode
+    replay_root: str
+    env: EnvConfig
+    rollout: RolloutConfig
+    actor: ActorConfig
+    reflector: ReflectorConfig
+    vllm: VLLMConfig
+    replay: ReplayConfig
+    probe_tolerance: float
+    seed: int
+
+
+class RolloutWorker:
+    def __init__(self, spec: WorkerSpec, weight_source: WeightSource):
+        self.spec = spec
+        self.weight_source = weight_source
+        self.actor, self.reflector = build_policies(spec.actor, spec.reflector, spec.vllm,
+                                                    seed=spec.seed + spec.worker_id)
+        e = spec.env
+        self.envs = [TwxEnv(e.game_params, e.step_limit) for _ in range(spec.rollout.parallel_tasks)]
+        self.seeds = {g: self.envs[0].seeds(g, e.split)[: e.num_tasks] for g in e.games}
+        self.writer = ReplayWriter(spec.replay_root, f"worker-{spec.worker_id}", spec.replay)
+        self.sync_seconds = 0.0
+        self.versions_used: set[int] = set()
+
+    def pull_weights(self) -> Optional[dict]:
+        """Load a newer adapter if the learner has published one; returns sync metrics."""
+        t0 = time.time()
+        adapter = self.weight_source(self.reflector.version)
+        if adapter is None:
+            return None
+        self.reflector.load(adapter)
+        probe = adapter.extra["probe"]
+        mine = np.asarray(self.reflector.score(probe["prompt_ids"], probe["completion_ids"]))
+        gap = float(np.abs(mine - np.asarray(probe["logprobs"])).max())
+        if gap > self.spec.probe_tolerance:
+            raise WeightSyncError(f"worker {self.spec.worker_id}: probe log-probs differ from the learner's by "
+                                  f"{gap:.4f} > {self.spec.probe_tolerance} after loading v{adapter.version}")
+        seconds = time.time() - t0
+        self.sync_seconds += seconds
+        return {"sync/seconds": seconds, "sync/probe_gap": gap, "sync/version": adapter.version}
+
+    def rollout(self, iteration: int) -> dict:
+        """Run `tasks_per_iteration` multi-trial episodes, stream records to replay, seal."""
+        r, e = self.spec.rollout, self.spec.env
+        t0, self.sync_seconds = time.time(), 0.0
+        stats = {"trials": 0, "reflections": 0, "reward_sum": 0.0, "stored": 0, "errors": [], "syncs": []}
+        successes = np.zeros(r.trials)  # cumulative successes by trial
+        base = (iteration * max(1, self.spec.num_workers) + self.spec.worker_id) * r.tasks_per_iteration
+        for lo in range(0, r.tasks_per_iteration, r.parallel_tasks):
+            sync = self.pull_weights()  # between episodes, never inside one
+            if sync:
+                stats["syncs"].append(sync)
+            n = min(r.parallel_tasks, r.tasks_per_iteration - lo)
+            tasks = twx_tasks(e.games, e.split, self.seeds, base + lo, n, e.num_tasks)
+            ids = EpisodeIds(self.spec.run_id, self.spec.worker_id, list(range(base + lo, base + lo + n)),
+                             seed=self.spec.seed * 7919 + base + lo)
+            out = run_episodes(tasks, self.envs[:n], ids, self.actor, self.reflector,
+                               r.trials, r.memory_size, e.step_limit)
+            self.versions_used.add(self.reflector.version)
+            stats["stored"] += self._write(out)
+            stats["trials"] += len(out.trials)
+            stats["reflections"] += len(out.reflections)
+            stats["reward_sum"] += sum(s.reward for s in out.reflections)
+            stats["errors"].extend(out.errors)
+            successes += _cumulative_success(out.trials, r.trials)
+        self.writer.seal()  # the learner reads sealed segments only
+        stats.update(episodes=r.tasks_per_iteration, success_by_trial=(successes / r.tasks_per_iteration).tolist(),
+                     policy_version=self.reflector.version, worker_id=self.spec.worker_id,
+                     rollout_seconds=time.time() - t0, sync_seconds=self.sync_seconds)
+        return stats
+
+    def _write(self, out) -> int:
+        stored = 0
+        if out.trials:
+            stored += self.writer.append("trials", to_batch(out.trials))
+        if out.reflections:
+            stored += self.writer.append("reflections", to_batch(out.reflections))
+        return stored
+
+    def close(self) -> None:
+        self.writer.close()
+        for env in self.envs:
+            env.close()
+
+
+def _cumulative_success(trials, k: int) -> np.ndarray:
+    """(K,) number of episodes solved at or before each trial (Reflexion's cumulative success)."""
+    first = {}
+    for t in trials:
+        if t.success:
+            first[t.episode_id] = min(first.get(t.episode_id, k), t.trial)
+    out = np.zeros(k)
+    for trial in first.values():
+        out[trial:] += 1
+    return out

@@ -16,7 +16,10 @@ import torch
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, L, V) logits, (B, L) ids -> (B, L-1) log P(ids[:, t+1] | ids[:, :t+1])."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in half precision loses the tail
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 

@@ -1,9 +1,9 @@
 """TableView: the rows of one replay table as the reader holds them.
 
 A list of per-segment Arrow tables in load order (oldest first), each already stripped of
-keys seen earlier, so row i of `concat()` is stable until the next eviction. Gathers go segment
-by segment because `pa.Table.take` on a many-chunk table concatenates every chunk first
-(tens of ms at 1M rows); per-segment takes touch only the rows drawn.
+keys seen earlier, so row i of `concat()` is stable until the next eviction. Gathers go record
+batch by record batch because `pa.Table.take` on a many-chunk table concatenates every chunk
+first (tens of ms at 1M rows); per-batch takes touch only the rows drawn.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import pyarrow.compute as pc
 from retro_dist.replay.catalog import SegmentEntry, first_unseen
 
 
+_MIN_BATCH_ROWS = 1024
+
+
 class TableView:
     def __init__(self, name: str, schema: Optional[pa.Schema] = None) -> None:
         self.name = name
@@ -25,7 +28,8 @@ class TableView:
         self.keys: set[str] = set()
         self.version = 0  # bumped on every change; keys the store's caches
         self.duplicates_dropped = 0
-        self._offsets = np.zeros(1, dtype=np.int64)
+        self._batches: list[pa.RecordBatch] = []  # every part's record batches, in order
+        self._offsets = np.zeros(1, dtype=np.int64)  # (len(_batches) + 1,) first row of each
         self._columns: dict[str, np.ndarray] = {}
 
     # ---- membership --------------------------------------------------------------------------
@@ -38,6 +42,9 @@ class TableView:
             data = data.take(pa.array(first_unseen(data.column("key"), fresh & self.keys)))
             self.duplicates_dropped += len(keys) - data.num_rows
             fresh = set(data.column("key").to_pylist())
+        if data.num_rows and data.num_rows < _MIN_BATCH_ROWS * len(data.to_batches()):
+            # many tiny appends: one copy now saves a take() per tiny batch on every sample
+            data = data.combine_chunks()
         self.keys |= fresh
         self.entries.append(entry)
         self.parts.append(data)
@@ -53,8 +60,9 @@ class TableView:
 
     def _changed(self) -> None:
         self.version += 1
-        self._offsets = np.concatenate([[0], np.cumsum([p.num_rows for p in self.parts])])
-        self._offsets = self._offsets.astype(np.int64)
+        self._batches = [b for p in self.parts for b in p.to_batches() if b.num_rows]
+        sizes = [b.num_rows for b in self._batches]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         self._columns.clear()
 
     # ---- reading -----------------------------------------------------------------------------
@@ -114,9 +122,9 @@ class TableView:
         cuts = np.flatnonzero(np.diff(seg)) + 1
         pieces = []
         for start, stop in zip(np.r_[0, cuts], np.r_[cuts, ordered.size]):
-            s = int(seg[start])
-            pieces.append(self.parts[s].take(pa.array(ordered[start:stop] - self._offsets[s])))
-        gathered = pa.concat_tables(pieces).combine_chunks()
+            b = int(seg[start])
+            pieces.append(self._batches[b].take(pa.array(ordered[start:stop] - self._offsets[b])))
+        gathered = pa.Table.from_batches(pieces).combine_chunks()
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         return gathered.take(pa.array(inverse))

@@ -24,10 +24,15 @@ def _spawn(root, worker, out_path):
                                  str(BATCH_ROWS), str(SEAL_EVERY)], stdout=out, env=env)
 
 
+def _text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def _report(out_path):
     """(last committed count, pending count if the last line is an unanswered `pending`)."""
     committed, pending = 0, None
-    for line in open(out_path).read().splitlines():
+    for line in _text(out_path).splitlines():
         tag, _, n = line.partition(" ")
         if tag == "committed":
             committed, pending = int(n), None
@@ -38,7 +43,7 @@ def _report(out_path):
 
 def _wait_for(path, word, proc, timeout=60.0):
     end = time.monotonic() + timeout
-    while word not in open(path).read() and proc.poll() is None and time.monotonic() < end:
+    while word not in _text(path) and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.01)
 
 

@@ -88,8 +88,11 @@ def test_seal_on_rows_and_unacked_bound(tmp_path):
 
 def _digests(root):
     seg_dir = os.path.join(root, "segments", T)
-    return {n: hashlib.sha256(open(os.path.join(seg_dir, n), "rb").read()).hexdigest()
-            for n in os.listdir(seg_dir)}
+    out = {}
+    for name in os.listdir(seg_dir):
+        with open(os.path.join(seg_dir, name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def test_reopen_continues_numbering_and_never_overwrites(tmp_path):

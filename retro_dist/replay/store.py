@@ -290,7 +290,7 @@ def _frozen(values: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
 
 
 def _counts_of(view: TableView, column: str) -> dict:
-    if not view.parts or column not in view.parts[0].column_names:
+    if not view.blocks or column not in view.blocks[0].schema.names:
         return {}
     counts = pc.value_counts(view.column(column))
     return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))}

@@ -1,9 +1,14 @@
 """TableView: the rows of one replay table as the reader holds them.
 
-A list of per-segment Arrow tables in load order (oldest first), each already stripped of
-keys seen earlier, so row i of `concat()` is stable until the next eviction. Gathers go record
-batch by record batch because `pa.Table.take` on a many-chunk table concatenates every chunk
-first (tens of ms at 1M rows); per-batch takes touch only the rows drawn.
+Segments are appended in load order (oldest first), each stripped of keys already held, so
+row i of `concat()` is stable until the next eviction. The rows live in a list of record
+batches ("blocks") because a gather costs one `take` per block it touches: `pa.Table.take` on
+a many-chunk table concatenates every chunk first (tens of ms at 1M rows), and a block per
+small segment would make a sample cost O(segments). So a multi-batch segment is combined into
+one block, and small trailing blocks are merged Timsort-style (merge while the older block is
+at most twice the newer one) up to BLOCK_ROWS: a row is copied O(log) times at most, and a
+store of N rows has about N / BLOCK_ROWS + log2(BLOCK_ROWS) blocks. A single-batch segment on
+local disk stays memory-mapped until it is merged.
 """
 from __future__ import annotations
 
@@ -15,8 +20,7 @@ import pyarrow.compute as pc
 
 from retro_dist.replay.catalog import SegmentEntry, first_unseen
 
-
-_MIN_BATCH_ROWS = 1024
+BLOCK_ROWS = 1 << 18
 
 
 class TableView:
@@ -24,12 +28,12 @@ class TableView:
         self.name = name
         self.schema = schema
         self.entries: list[SegmentEntry] = []
-        self.parts: list[pa.Table] = []
+        self.kept: list[int] = []  # rows each entry contributes after dedup
+        self.blocks: list[pa.RecordBatch] = []
         self.keys: set[str] = set()
         self.version = 0  # bumped on every change; keys the store's caches
         self.duplicates_dropped = 0
-        self._batches: list[pa.RecordBatch] = []  # every part's record batches, in order
-        self._offsets = np.zeros(1, dtype=np.int64)  # (len(_batches) + 1,) first row of each
+        self._offsets = np.zeros(1, dtype=np.int64)  # (len(blocks) + 1,) first row of each block
         self._columns: dict[str, np.ndarray] = {}
 
     # ---- membership --------------------------------------------------------------------------
@@ -42,26 +46,43 @@ class TableView:
             data = data.take(pa.array(first_unseen(data.column("key"), fresh & self.keys)))
             self.duplicates_dropped += len(keys) - data.num_rows
             fresh = set(data.column("key").to_pylist())
-        if data.num_rows and data.num_rows < _MIN_BATCH_ROWS * len(data.to_batches()):
-            # many tiny appends: one copy now saves a take() per tiny batch on every sample
-            data = data.combine_chunks()
         self.keys |= fresh
         self.entries.append(entry)
-        self.parts.append(data)
+        self.kept.append(data.num_rows)
+        batches = [b for b in data.to_batches() if b.num_rows]
+        if batches:
+            self.blocks.append(batches[0] if len(batches) == 1 else pa.concat_batches(batches))
+            self._merge_tail()
         self._changed()
         return data.num_rows
 
+    def _merge_tail(self) -> None:
+        b = self.blocks
+        while (len(b) >= 2 and b[-2].num_rows <= 2 * b[-1].num_rows
+               and b[-2].num_rows + b[-1].num_rows <= BLOCK_ROWS):
+            b[-2:] = [pa.concat_batches(b[-2:])]
+
     def pop_oldest(self) -> tuple[SegmentEntry, int]:
-        """Drop the oldest segment. Returns (its entry, rows it held here)."""
-        entry, data = self.entries.pop(0), self.parts.pop(0)
-        self.keys.difference_update(data.column("key").to_pylist())
+        """Drop the oldest segment's rows (the first rows of the view). Returns (entry, rows)."""
+        entry, rows = self.entries.pop(0), self.kept.pop(0)
+        left, gone = rows, []
+        while left:
+            first = self.blocks[0]
+            if first.num_rows <= left:
+                gone.append(self.blocks.pop(0).column("key"))
+                left -= first.num_rows
+            else:
+                gone.append(first.slice(0, left).column("key"))
+                self.blocks[0] = first.slice(left)
+                left = 0
+        for k in gone:
+            self.keys.difference_update(k.to_pylist())
         self._changed()
-        return entry, data.num_rows
+        return entry, rows
 
     def _changed(self) -> None:
         self.version += 1
-        self._batches = [b for p in self.parts for b in p.to_batches() if b.num_rows]
-        sizes = [b.num_rows for b in self._batches]
+        sizes = [b.num_rows for b in self.blocks]
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         self._columns.clear()
 
@@ -76,23 +97,19 @@ class TableView:
         return sum(e.bytes for e in self.entries)
 
     def concat(self) -> pa.Table:
-        if not self.parts:
-            if self.schema is None:
-                raise KeyError(f"replay table {self.name!r} is empty and has no known schema")
-            return self.schema.empty_table()
-        return pa.concat_tables(self.parts)
+        if self.blocks:
+            return pa.Table.from_batches(self.blocks)
+        if self.schema is None:
+            raise KeyError(f"replay table {self.name!r} is empty and has no known schema")
+        return self.schema.empty_table()
 
     def column(self, name: str) -> pa.ChunkedArray:
-        return pa.chunked_array([p.column(name) for p in self.parts],
-                                type=self.parts[0].schema.field(name).type)
+        return self.concat().column(name)
 
     def numpy(self, name: str) -> np.ndarray:
         """(N,) numpy copy of a scalar column, cached until the view changes."""
         if name not in self._columns:
-            if self.parts and name not in self.parts[0].column_names:
-                raise KeyError(f"replay table {self.name!r} has no column {name!r}")
-            col = self.column(name) if self.parts else pa.chunked_array([], pa.float64())
-            self._columns[name] = col.to_numpy()
+            self._columns[name] = self.column(name).to_numpy()
         return self._columns[name]
 
     def mask(self, min_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
@@ -100,8 +117,6 @@ class TableView:
         """(N,) bool of rows passing the filters, or None when there are no filters."""
         if min_version is None and tasks is None and envs is None:
             return None
-        if not self.parts:
-            return np.zeros(0, dtype=bool)
         keep = np.ones(self.num_rows, dtype=bool)
         if min_version is not None:
             keep &= self.numpy("policy_version") >= min_version
@@ -118,16 +133,16 @@ class TableView:
             return self.concat().slice(0, 0)
         order = np.argsort(indices, kind="stable")
         ordered = indices[order]
-        seg = np.searchsorted(self._offsets, ordered, side="right") - 1
-        cuts = np.flatnonzero(np.diff(seg)) + 1
+        blk = np.searchsorted(self._offsets, ordered, side="right") - 1
+        cuts = np.flatnonzero(np.diff(blk)) + 1
         pieces = []
         for start, stop in zip(np.r_[0, cuts], np.r_[cuts, ordered.size]):
-            b = int(seg[start])
-            pieces.append(self._batches[b].take(pa.array(ordered[start:stop] - self._offsets[b])))
+            b = int(blk[start])
+            pieces.append(self.blocks[b].take(pa.array(ordered[start:stop] - self._offsets[b])))
         gathered = pa.Table.from_batches(pieces).combine_chunks()
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         return gathered.take(pa.array(inverse))
 
 
-__all__ = ["TableView"]
+__all__ = ["TableView", "BLOCK_ROWS"]

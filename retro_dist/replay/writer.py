@@ -10,7 +10,9 @@ restart is stored once. One writer_id must be used by one process at a time.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from typing import Optional
 
@@ -36,6 +38,7 @@ class _OpenSegment:
         self.sink = loc.fs.open_output_stream(loc.path(self.tmp_rel), compression=None)
         self.stream = ipc.new_stream(self.sink, schema)
         self.rows = 0
+        self.nbytes_final = 0
         self.opened_at = time.monotonic()
         self.min_version: Optional[int] = None
         self.max_version: Optional[int] = None
@@ -64,11 +67,13 @@ class ReplayWriter:
             self._loc.makedirs(d)
         self._catalog: Catalog = load_catalog(self._loc, writer_id)
         self._open: dict[str, _OpenSegment] = {}
-        self._unacked = 0
+        self._written = 0  # rows written to segments by this object
+        self._committed = 0  # of those, rows sealed and catalogued (written by the sealer thread)
+        self._lock = threading.Lock()  # guards _catalog between append and the sealer thread
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{writer_id}")
+        self._inflight: list[Future] = []
         # Keys this writer has stored, per table (trials and reflections share keys by design).
         self._known: dict[str, set[str]] = {}
-        # Rows sealed and catalogued by this object: what a caller may treat as acknowledged.
-        self.committed_rows = 0
         self._closed = False
         self._recover()
 
@@ -142,14 +147,14 @@ class ReplayWriter:
         offset = 0
         while offset < fresh.num_rows:
             seg = self._open.get(table) or self._start(table, fresh.schema)
-            room = min(self.cfg.seal_rows - seg.rows, self.cfg.max_unacked_rows - self._unacked)
+            room = min(self.cfg.seal_rows - seg.rows, self.cfg.max_unacked_rows - self.unacked_rows)
             part = fresh.slice(offset, room)
             seg.write(part)
             offset += part.num_rows
-            self._unacked += part.num_rows
+            self._written += part.num_rows
             if seg.rows >= self.cfg.seal_rows or seg.nbytes >= self.cfg.seal_bytes:
                 self._seal_one(table)
-            if self._unacked >= self.cfg.max_unacked_rows:
+            if self.unacked_rows >= self.cfg.max_unacked_rows:
                 self.seal()
         self._known.setdefault(table, set()).update(keys)
         return fresh.num_rows
@@ -185,9 +190,10 @@ class ReplayWriter:
     def _start(self, table: str, schema: pa.Schema) -> _OpenSegment:
         self._loc.makedirs(f"segments/{table}")
         while True:  # belt and braces: never reuse a name that exists, sealed or temp
-            seq = self._catalog.next_seq
+            with self._lock:
+                seq = self._catalog.next_seq
+                self._catalog.next_seq += 1
             name = segment_name(self.writer_id, seq)
-            self._catalog.next_seq += 1
             rel = f"segments/{table}/{name}"
             if not (self._loc.exists(rel) or self._loc.exists(rel + TMP_SUFFIX)):
                 break
@@ -197,52 +203,71 @@ class ReplayWriter:
 
     def _seal_due(self) -> None:
         now = time.monotonic()
-        due = [t for t, seg in self._open.items() if now - seg.opened_at >= self.cfg.seal_seconds]
-        if due:
-            self._seal_tables(due)
+        for table in [t for t, seg in self._open.items()
+                      if now - seg.opened_at >= self.cfg.seal_seconds]:
+            self._seal_one(table)
 
-    def _seal_one(self, table: str) -> int:
-        return self._seal_tables([table])
+    def _seal_one(self, table: str) -> None:
+        """Close one open segment and hand it to the sealer thread.
 
-    def _seal_tables(self, tables: list[str]) -> int:
-        """Flush, fsync, rename each table's open segment, then catalogue them in one write.
-
-        The catalog write is the commit: a crash before it leaves renamed but uncatalogued
-        segments, which the next writer with this id adopts (see _recover).
+        The stream is flushed to the OS here; the sealer then fsyncs, renames and
+        catalogues in FIFO order while append() goes on: the disk flush overlaps the next
+        segment's writes instead of stalling the caller.
         """
-        sealed = []
-        for table in tables:
-            seg = self._open.pop(table)
-            seg.stream.close()  # writes the end-of-stream marker
-            nbytes = seg.nbytes
-            seg.sink.close()
-            self._loc.fsync(seg.tmp_rel)
-            self._loc.fs.move(self._loc.path(seg.tmp_rel), self._loc.path(seg.rel))
-            self._loc.fsync(f"segments/{table}", directory=True)
-            sealed.append(SegmentEntry(table, seg.name, self.writer_id, seg.seq, seg.rows, nbytes,
-                                       time.time(), seg.min_version, seg.max_version))
-        if not sealed:
-            return 0
-        self._catalog.segments.extend(sealed)
-        self._loc.write_atomic(catalog_rel(self.writer_id), self._catalog.to_json())
-        rows = sum(e.rows for e in sealed)
-        self._unacked -= rows
-        self.committed_rows += rows
-        return rows
+        seg = self._open.pop(table)
+        seg.stream.close()  # writes the end-of-stream marker
+        seg.nbytes_final = seg.nbytes
+        seg.sink.close()
+        self._inflight.append(self._sealer.submit(self._commit, seg))
+        self._reap(wait=False)
+
+    def _commit(self, seg: _OpenSegment) -> None:
+        """Sealer thread: fsync, atomic rename, then the catalog write that commits."""
+        self._loc.fsync(seg.tmp_rel)
+        self._loc.fs.move(self._loc.path(seg.tmp_rel), self._loc.path(seg.rel))
+        self._loc.fsync(f"segments/{seg.table}", directory=True)
+        entry = SegmentEntry(seg.table, seg.name, self.writer_id, seg.seq, seg.rows,
+                             seg.nbytes_final, time.time(), seg.min_version, seg.max_version)
+        with self._lock:
+            self._catalog.segments.append(entry)
+            data = self._catalog.to_json()
+        # A crash before this rename leaves an uncatalogued segment; _recover adopts it.
+        self._loc.write_atomic(catalog_rel(self.writer_id), data)
+        self._committed += seg.rows
+
+    def _reap(self, wait: bool) -> None:
+        """Collect finished seals (all of them if `wait`); re-raise a sealer error here."""
+        while self._inflight and (wait or self._inflight[0].done()):
+            self._inflight.pop(0).result()
 
     def seal(self) -> int:
-        """Seal every open segment now. Returns the rows committed by this call."""
-        return self._seal_tables(list(self._open))
+        """Seal every open segment and wait until all are committed.
+
+        Returns the rows committed while this call ran (including earlier in-flight seals).
+        """
+        before = self._committed
+        for table in list(self._open):
+            self._seal_one(table)
+        self._reap(wait=True)
+        return self._committed - before
+
+    @property
+    def committed_rows(self) -> int:
+        """Rows sealed and catalogued by this writer object: what the caller may treat as acked."""
+        return self._committed
 
     @property
     def unacked_rows(self) -> int:
-        """Rows written to open segments, not yet durable."""
-        return self._unacked
+        """Rows written but not yet committed (open segments and seals in flight)."""
+        return self._written - self._committed
 
     def close(self) -> None:
         if not self._closed:
-            self.seal()
-            self._closed = True
+            try:
+                self.seal()
+            finally:
+                self._sealer.shutdown(wait=True)
+                self._closed = True
 
     def __enter__(self) -> "ReplayWriter":
         return self

@@ -31,6 +31,12 @@ def batch(lo: int, hi: int, **kw):
     return to_batch([sample(i, **kw) for i in range(lo, hi)])
 
 
+def crash(w: ReplayWriter) -> None:
+    """Stop a writer the way a kill would, minus the randomness: seals already handed to the
+    sealer thread finish (a kill may or may not let them), open segments stay temp files."""
+    w._sealer.shutdown(wait=True)
+
+
 @st.composite
 def reflection(draw, i):
     r = draw(st.integers(0, 6))
@@ -103,7 +109,7 @@ def test_reopen_continues_numbering_and_never_overwrites(tmp_path):
     assert sorted(before) == ["w0-00000000.arrows", "w0-00000001.arrows"]
     crashed = ReplayWriter(root, "w0", cfg)
     crashed.append(T, batch(10, 13))  # left open: a temp segment, as after a kill
-    del crashed
+    crash(crashed)
     with ReplayWriter(root, "w0", cfg) as w:
         w.append(T, batch(10, 20))
     after = _digests(root)
@@ -151,6 +157,8 @@ def test_resent_keys_stored_once(ops, seal_rows):
                 w.seal()
             elif then == "restart":
                 w.close()
+            elif then == "crash":
+                crash(w)
             # the writer acknowledges rows in write order as segments seal
             acked = w.committed_rows - committed
             durable |= set(unacked[:acked])

@@ -1,4 +1,6 @@
 """RolloutWorker (in-process): pulls weights between episodes, refuses a sync it cannot reproduce."""
+from pathlib import Path
+
 import pytest
 
 from retro_dist.config import load_config
@@ -8,6 +10,7 @@ from retro_dist.learner.learner import Learner
 from retro_dist.rollout.worker import RolloutWorker, WeightSyncError
 
 pytestmark = pytest.mark.component
+ROOT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def setup(tmp_path_factory, tiny_model):
     worker.close()
 
 
-ROOT_CONFIG = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "test.yaml")
+
 
 
 def test_worker_uses_the_newest_version_and_tags_its_samples(setup):

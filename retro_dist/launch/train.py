@@ -7,8 +7,6 @@ publish the new adapter once → workers pull it before their next episodes.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,6 +18,15 @@ from retro_dist.config import Config, ConfigError, as_dict
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
 from retro_dist.launch.weights import LocalWeightSource, RayWeightSource, WeightBoard
+
+
+def with_absolute_model_paths(cfg: Config) -> Config:
+    """Local checkpoint folders as absolute paths: Ray workers need not share the driver's cwd."""
+    def fix(name: str) -> str:
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+    return dataclasses.replace(cfg, actor=dataclasses.replace(cfg.actor, model=fix(cfg.actor.model)),
+                               reflector=dataclasses.replace(cfg.reflector, model=fix(cfg.reflector.model)))
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -140,6 +147,7 @@ class _InProcess:
 def train(cfg: Config, address: Optional[str] = None) -> Path:
     """Run `cfg.run.iterations` iterations; returns the run folder."""
     preflight(cfg)
+    cfg = with_absolute_model_paths(cfg)
     run_dir = prepare_run_dir(cfg)
     address = address or cfg.ray.address
     system = _InProcess(cfg, run_dir) if cfg.rollout.num_workers == 0 and not address else _Cluster(cfg, run_dir, address)

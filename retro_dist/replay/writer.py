@@ -2,18 +2,19 @@
 
 Each (writer, table) has at most one open segment, an Arrow IPC stream under a temp name.
 Sealing = close the stream, fsync, atomic rename to the final name, then rewrite this writer's
-catalog file (the commit point, see catalog.py). A crash therefore loses at most the open
-segments' rows, which the caller never saw acknowledged (`committed_rows` did not count them)
-and resends; keys already in sealed segments are dropped on the way in, so a resend after a
-restart is stored once. One writer_id must be used by one process at a time.
+catalog file (the commit point, see catalog.py). The last three steps run on one background
+"sealer" thread, in order, so append() does not stall on the disk; `seal()` waits for them.
+A crash therefore loses at most rows the caller never saw acknowledged (`committed_rows` did
+not count them yet) and resends; keys already stored by this writer are dropped on the way
+in, so a resend after a restart is stored once. One writer_id belongs to one process at a time.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import pyarrow as pa
@@ -74,6 +75,7 @@ class ReplayWriter:
         self._inflight: list[Future] = []
         # Keys this writer has stored, per table (trials and reflections share keys by design).
         self._known: dict[str, set[str]] = {}
+        self._made_dirs: set[str] = set()
         self._closed = False
         self._recover()
 
@@ -144,6 +146,7 @@ class ReplayWriter:
         self._check_schema(check_name("table", table), batch)
         self._seal_due()
         fresh, keys = self._drop_known(table, batch)
+        known = self._known.setdefault(table, set())
         offset = 0
         while offset < fresh.num_rows:
             seg = self._open.get(table) or self._start(table, fresh.schema)
@@ -156,7 +159,7 @@ class ReplayWriter:
                 self._seal_one(table)
             if self.unacked_rows >= self.cfg.max_unacked_rows:
                 self.seal()
-        self._known.setdefault(table, set()).update(keys)
+        known.update(keys)
         return fresh.num_rows
 
     def _check_schema(self, table: str, batch: pa.RecordBatch) -> None:
@@ -188,7 +191,9 @@ class ReplayWriter:
     # ---- seal --------------------------------------------------------------------------------
 
     def _start(self, table: str, schema: pa.Schema) -> _OpenSegment:
-        self._loc.makedirs(f"segments/{table}")
+        if table not in self._made_dirs:  # one mkdir per table per process, not per segment
+            self._loc.makedirs(f"segments/{table}")
+            self._made_dirs.add(table)
         while True:  # belt and braces: never reuse a name that exists, sealed or temp
             with self._lock:
                 seq = self._catalog.next_seq

@@ -44,7 +44,7 @@ def prioritised_probs(priorities: np.ndarray, alpha: float = 1.0, eps: float = 1
 
 
 def anneal_fraction(step: int, anneal_steps: int) -> float:
-    """How far the curriculum has moved toward uniform: 0 at step 0, 1 at and after `anneal_steps`."""
+    """How far the curriculum has moved toward uniform: 0 at step 0, 1 from `anneal_steps` on."""
     if anneal_steps <= 0:
         return 1.0
     return float(min(max(step, 0) / anneal_steps, 1.0))

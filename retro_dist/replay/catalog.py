@@ -193,5 +193,5 @@ def first_unseen(keys: pa.Array | pa.ChunkedArray, seen: set[str]) -> np.ndarray
     return np.sort(first.to_numpy())
 
 
-__all__ = ["SegmentEntry", "first_unseen", "Catalog", "StoreLocation", "catalog_rel", "load_catalog",
-           "read_segment", "segment_name", "parse_own_segment", "check_name"]
+__all__ = ["SegmentEntry", "Catalog", "StoreLocation", "catalog_rel", "load_catalog",
+           "read_segment", "first_unseen", "segment_name", "parse_own_segment", "check_name"]

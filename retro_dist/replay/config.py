@@ -41,7 +41,7 @@ class ReplayConfig:
     block_timeout_s: float = 60.0
     # keep at most this many rows per table, evicting whole oldest segments; None = unbounded
     retention_rows: Optional[int] = None
-    # keep at most this many segment bytes per table, evicting whole oldest segments; None = unbounded
+    # keep at most this many segment bytes per table, evicting whole oldest segments; None = no cap
     retention_bytes: Optional[int] = None
     # evict segments sealed more than this many seconds ago; None = keep forever
     retention_seconds: Optional[float] = None

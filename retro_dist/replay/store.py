@@ -36,6 +36,9 @@ class SampledBatch:
 
 
 class ReplayStore:
+    """Reader of the store at `root_uri` (local path or pyarrow URI). Any number of readers
+    may share a store; one object is meant for one thread (the learner's)."""
+
     def __init__(self, root_uri: str, cfg: ReplayConfig) -> None:
         self.cfg = cfg
         self._loc = StoreLocation(root_uri)

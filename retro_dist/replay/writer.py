@@ -60,6 +60,11 @@ class _OpenSegment:
 
 
 class ReplayWriter:
+    """Appends to the store at `root_uri` as `writer_id` (one process per id at a time).
+
+    Use as a context manager or call close(): rows still open at exit are sealed then.
+    """
+
     def __init__(self, root_uri: str, writer_id: str, cfg: ReplayConfig) -> None:
         self.cfg = cfg
         self.writer_id = check_name("writer_id", writer_id)
@@ -139,11 +144,12 @@ class ReplayWriter:
 
         batch: (B rows) with the table's schema (records.SCHEMAS) and a non-null `key` column.
         Returns the number of rows newly written (B minus already-stored or repeated keys).
-        Rows become durable at the next seal; `committed_rows` counts them then.
+        Rows become durable when their segment seals; `committed_rows` counts them then.
         """
         if self._closed:
             raise RuntimeError("ReplayWriter is closed")
         self._check_schema(check_name("table", table), batch)
+        self._reap(wait=False)  # surface a failed seal on the next call, not at close()
         self._seal_due()
         fresh, keys = self._drop_known(table, batch)
         known = self._known.setdefault(table, set())
@@ -151,14 +157,14 @@ class ReplayWriter:
         while offset < fresh.num_rows:
             seg = self._open.get(table) or self._start(table, fresh.schema)
             room = min(self.cfg.seal_rows - seg.rows, self.cfg.max_unacked_rows - self.unacked_rows)
-            part = fresh.slice(offset, room)
+            part = fresh.slice(offset, max(room, 1))
             seg.write(part)
             offset += part.num_rows
             self._written += part.num_rows
             if seg.rows >= self.cfg.seal_rows or seg.nbytes >= self.cfg.seal_bytes:
                 self._seal_one(table)
             if self.unacked_rows >= self.cfg.max_unacked_rows:
-                self.seal()
+                self.seal()  # the bound: wait for the disk before taking more rows
         known.update(keys)
         return fresh.num_rows
 

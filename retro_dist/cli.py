@@ -20,6 +20,29 @@ def _make_models(args) -> None:
     print(f"tiny model ready: {make_models(args.output, force=args.force)}")
 
 
+def _pretrain_actor(args) -> None:
+    from retro_dist.agents.pretrain import pretrain_actor
+    from retro_dist.config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    output = args.output or cfg.actor.model
+    result = pretrain_actor(cfg.env, args.base, output, args.tasks, args.minutes, force=args.force,
+                            seed=cfg.run.seed)
+    print(f"actor checkpoint {'already present' if result is None else 'written'}: {output}"
+          + ("" if result is None else f" ({result['steps']} steps, action loss {result['final_action_loss']:.3f})"))
+
+
+def _eval(args) -> None:
+    from retro_dist.config import load_config
+    from retro_dist.launch.evaluate import markdown, run_eval
+
+    cfg = load_config(args.config, args.set or [])
+    report = run_eval(cfg, args.checkpoint, args.tasks, args.trials, args.split, args.output,
+                      arms=args.arms.split(","), address=args.address)
+    print(markdown(report))
+    print(f"written: {args.output}/eval.md, eval.json, eval.png")
+
+
 def _config_ref(args) -> None:
     from retro_dist.config import config_reference
 
@@ -38,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="models/tiny-lm")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=_make_models)
+    p = sub.add_parser("pretrain-actor", help="behaviour-clone the tiny actor on oracle plans, with and without advice")
+    p.add_argument("--config", required=True, help="YAML config; its env section picks the games")
+    p.add_argument("--base", default="models/tiny-lm", help="checkpoint to start from")
+    p.add_argument("--output", default=None, help="where to save (default: the config's actor.model)")
+    p.add_argument("--tasks", type=int, default=3000, help="train tasks per game")
+    p.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget")
+    p.add_argument("--force", action="store_true", help="retrain even if the output exists")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_pretrain_actor)
+    p = sub.add_parser("eval", help="cumulative success by trial on held-out tasks, four arms")
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint", default=None, help="peft adapter folder of the trained reflector")
+    p.add_argument("--tasks", type=int, default=200, help="held-out tasks (N)")
+    p.add_argument("--trials", type=int, default=3, help="trials per task (K)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--output", required=True, help="folder for eval.md, eval.json, eval.png")
+    p.add_argument("--arms", default="none,initial,trained,oracle", help="comma-separated subset of the arms")
+    p.add_argument("--address", default=None, help="Ray cluster to join")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_eval)
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
     p.set_defaults(func=_config_ref)
     from retro_dist.replay.tools import add_subcommands
@@ -54,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, PreflightError, BackendError, FileNotFoundError) as err:
+    except (ConfigError, PreflightError, BackendError, FileNotFoundError, ValueError) as err:
         print(f"retro-dist: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

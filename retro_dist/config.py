@@ -48,18 +48,20 @@ class RayConfig:
 
 @dataclass
 class EnvConfig:
-    name: Literal["twx"] = "twx"
-    """Environment family. `twx` = TextWorldExpress."""
-    games: list[str] = field(default_factory=lambda: ["coin"])
-    """Games to mix (multi-task); each task's prompt names its game."""
+    games: list[str] = field(default_factory=lambda: ["twx/coin"])
+    """Games to mix, as `<family>/<game>` (families: twx, textworld, hotpotqa, alfworld); each prompt names its game."""
     game_params: str = "numLocations=4,includeDoors=0,numDistractorItems=0"
-    """TextWorldExpress game parameter string, applied to every game."""
+    """TextWorldExpress game parameter string, applied to every twx game."""
+    data_path: Optional[str] = None
+    """Folder or file of user-provided data for the hotpotqa and alfworld families."""
+    textworld_cache: str = "runs/cache/textworld"
+    """Where games generated with `tw-make` are cached (generated once per game and seed)."""
     split: Literal["train", "dev", "test"] = "train"
-    """Seed fold the rollouts draw tasks from."""
+    """Fold the training rollouts draw tasks from (eval uses its own --split)."""
     step_limit: int = 6
     """Actor steps per trial before the trial counts as failed."""
     num_tasks: int = 1000
-    """Distinct seeds per game in the fold (task ids cycle through them)."""
+    """Distinct tasks per game in a fold (task numbers cycle through them)."""
 
 
 @dataclass
@@ -88,6 +90,8 @@ class ActorConfig:
     """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (backend `openai` only)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the endpoint's API key (may be unset for local servers)."""
+    action_selection: Literal["generate", "score_valid"] = "generate"
+    """`generate` free text, or `score_valid`: take the valid action whose tokens score highest (action-logit extraction; generates where no actions are listed)."""
     max_new_tokens: int = 8
     """Tokens generated per action."""
     temperature: float = 0.0
@@ -132,8 +136,8 @@ class RolloutConfig:
     """Trials per task (K); a reflection is written after each failed trial but the last."""
     memory_size: int = 3
     """Reflections kept in the actor's prompt (M, Reflexion's long-term memory)."""
-    max_consecutive_errors: int = 20
-    """A worker stops with an error after this many errored episodes in a row."""
+    repeats_per_task: int = 1
+    """Episodes per task per iteration (G): with a greedy actor, G reflections of the same failed trial, for the leave-one-out baseline."""
 
 
 @dataclass
@@ -162,6 +166,10 @@ class LearnerConfig:
     """EMA decay of the per-task running-mean baseline."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    batch_source: Literal["replay", "fresh"] = "replay"
+    """`replay`: sample batches from the store (sampler, staleness filter); `fresh`: this iteration's on-policy samples, whole groups kept together."""
+    sft_iterations: int = 0
+    """Warm start (the paper's SFT stage): the first n iterations maximise the likelihood of positively rewarded reflections in the store."""
     probe_tolerance: float = 2e-2
     """Largest |log-prob| gap between learner and worker on the probe reflection after a sync."""
 
@@ -269,10 +277,16 @@ def validate(cfg: Config) -> None:
     r, a, lrn = cfg.rollout, cfg.actor, cfg.learner
     if r.trials < 1 or r.memory_size < 0 or r.tasks_per_iteration < 1 or r.parallel_tasks < 1:
         raise ConfigError("rollout: trials, tasks_per_iteration and parallel_tasks must be >= 1")
+    if r.repeats_per_task < 1 or r.tasks_per_iteration % r.repeats_per_task or r.parallel_tasks % r.repeats_per_task:
+        raise ConfigError("rollout.tasks_per_iteration and rollout.parallel_tasks must be multiples of "
+                          "rollout.repeats_per_task (a task's repeats run side by side)")
     if r.num_workers < 0:
         raise ConfigError("rollout.num_workers must be >= 0")
     if a.backend == "openai" and not a.base_url:
         raise ConfigError("actor.base_url is required when actor.backend is 'openai'")
+    if a.backend == "openai" and a.action_selection == "score_valid":
+        raise ConfigError("actor.action_selection 'score_valid' needs token log-probs of whole prompts; "
+                          "use backend vllm or hf, or action_selection 'generate'")
     if a.backend != "openai" and a.base_url:
         raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
     if lrn.batch_size % lrn.micro_batch_size:
@@ -283,6 +297,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("reflector.temperature must be > 0 (the policy gradient needs a sampled reflection)")
     if not cfg.env.games:
         raise ConfigError("env.games must name at least one game")
+    for g in cfg.env.games:
+        fam = g.partition("/")[0]
+        if fam not in ("twx", "textworld", "hotpotqa", "alfworld"):
+            raise ConfigError(f"env.games: '{g}' must be <family>/<game> with family twx, textworld, hotpotqa or alfworld")
+        if fam in ("hotpotqa", "alfworld") and not cfg.env.data_path:
+            raise ConfigError(f"env.data_path is required for '{g}' (point it at your {fam} data)")
 
 
 def as_dict(cfg: Any) -> dict:

@@ -53,8 +53,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config("configs/local.yaml", ["rollout.trials=5", "learner.lr=1e-3", "env.games=[coin, sorting]"])
-    assert cfg.rollout.trials == 5 and cfg.learner.lr == 1e-3 and cfg.env.games == ["coin", "sorting"]
+    cfg = load_config("configs/local.yaml", ["rollout.trials=5", "learner.lr=1e-3", "env.games=[twx/coin, twx/sorting]"])
+    assert cfg.rollout.trials == 5 and cfg.learner.lr == 1e-3 and cfg.env.games == ["twx/coin", "twx/sorting"]
 
 
 def test_reference_documents_every_key():

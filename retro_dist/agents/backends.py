@@ -138,6 +138,10 @@ class HFBackend:
         return [Generation(list(p), o, lp, tok.decode(o, skip_special_tokens=True))
                 for p, o, lp in zip(prompt_ids, out_ids, out_lp)]
 
+    def score_candidates(self, prompt_ids, candidates) -> list[list[float]]:
+        with self._adapter_ctx(False):
+            return score_candidates_hf(self.model, self.tokenizer, self.device, prompt_ids, candidates)
+
     def score(self, prompt_ids, completion_ids, use_adapter=True) -> list[float]:
         import torch
 
@@ -146,6 +150,35 @@ class HFBackend:
             logits = self.model(input_ids=ids).logits[0, :-1].float()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
         return lp[len(prompt_ids) - 1:].tolist()
+
+
+def score_candidates_hf(model, tokenizer, device, prompt_ids, candidates) -> list[list[float]]:
+    """Σ log P(candidate tokens | prompt) for every (prompt, candidate) pair, in one padded batch.
+
+    prompt_ids: B prompts; candidates: B lists of token-id lists. Returns B lists of scores.
+    """
+    import torch
+
+    seqs, spans = [], []
+    for p, cands in zip(prompt_ids, candidates):
+        for c in cands:
+            seqs.append(list(p) + list(c))
+            spans.append((len(p), len(c)))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+    flat = [float(lp[i, p - 1 : p - 1 + n].sum()) for i, (p, n) in enumerate(spans)]
+    out, k = [], 0
+    for cands in candidates:
+        out.append(flat[k : k + len(cands)])
+        k += len(cands)
+    return out
 
 
 class VLLMBackend:
@@ -209,6 +242,22 @@ class VLLMBackend:
                                 SamplingParams(max_tokens=1, prompt_logprobs=0),
                                 lora_request=self._lora(use_adapter), use_tqdm=False)[0]
         return [out.prompt_logprobs[i][full[i]].logprob for i in range(len(prompt_ids), len(full))]
+
+    def score_candidates(self, prompt_ids, candidates) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        # One request per (prompt, candidate); the engine's prefix cache shares the prompt's KV.
+        reqs = [{"prompt_token_ids": list(p) + list(c)} for p, cands in zip(prompt_ids, candidates) for c in cands]
+        flat = self.llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        scores, k = [], 0
+        for p, cands in zip(prompt_ids, candidates):
+            row = []
+            for c in cands:
+                out, full = flat[k], list(p) + list(c)
+                row.append(sum(out.prompt_logprobs[i][full[i]].logprob for i in range(len(p), len(full))))
+                k += 1
+            scores.append(row)
+        return scores
 
 
 class OpenAIBackend:

@@ -26,7 +26,26 @@ class ActorPolicy:
             return len(text) <= 4 * self.cfg.max_prompt_tokens
         return len(self.tokenizer(text).input_ids) <= self.cfg.max_prompt_tokens
 
-    def act(self, prompt_texts: Sequence[str], seed: int) -> list[str]:
+    def act(self, prompt_texts: Sequence[str], seed: int,
+            valid_actions: Optional[Sequence[Optional[list[str]]]] = None) -> list[str]:
+        """One command per prompt. With `score_valid`, prompts whose environment lists valid actions
+        get the highest-scoring one (Σ log-prob of " action\n"); the rest generate."""
+        actions = [None] * len(prompt_texts)
+        if self.cfg.action_selection == "score_valid" and valid_actions is not None:
+            rows = [i for i, v in enumerate(valid_actions) if v]
+            if rows:
+                ids = [self.tokenizer(prompt_texts[i]).input_ids for i in rows]
+                cands = [[self.tokenizer(f" {a}\n", add_special_tokens=False).input_ids for a in valid_actions[i]]
+                         for i in rows]
+                for i, scores in zip(rows, self.backend.score_candidates(ids, cands)):
+                    actions[i] = valid_actions[i][max(range(len(scores)), key=scores.__getitem__)]
+        todo = [i for i, a in enumerate(actions) if a is None]
+        if todo:
+            for i, a in zip(todo, self._generate([prompt_texts[i] for i in todo], seed)):
+                actions[i] = a
+        return actions
+
+    def _generate(self, prompt_texts: Sequence[str], seed: int) -> list[str]:
         if isinstance(self.backend, OpenAIBackend):
             texts = self.backend.generate_text(prompt_texts, self.cfg.max_new_tokens, self.cfg.temperature, seed)
         else:
@@ -54,7 +73,7 @@ class ReflectorPolicy:
         self.backend.load_adapter(adapter)
         self.version = adapter.version
 
-    def reflect(self, prompt_texts: Sequence[str], seed: int) -> list[Generation]:
+    def reflect(self, prompt_texts: Sequence[str], seed: int, tasks: Sequence = ()) -> list[Generation]:
         ids = [self.tokenizer(p).input_ids for p in prompt_texts]
         return self.backend.generate(ids, self.cfg.max_new_tokens, self.cfg.temperature,
                                      stop_at_newline=True, use_adapter=True, seed=seed)

@@ -10,8 +10,24 @@ from typing import Callable, Sequence
 Step = tuple[str, str]  # (action, observation that followed it)
 
 
-def _trajectory(first_obs: str, steps: Sequence[Step]) -> list[str]:
-    return [first_obs] + [f"> {a}\n{o}" for a, o in steps]
+def compact(obs: str) -> str:
+    """First sentence and last line of an observation (where a room is, and its exits).
+
+    Past observations are compacted so a tiny model's context holds the whole trajectory; the
+    actor still sees its current observation in full.
+    """
+    text = " ".join(obs.split())
+    first = text.split(". ", 1)[0].rstrip(".") + "."
+    last = obs.strip().splitlines()[-1].strip() if obs.strip() else ""
+    return first if not last or last in first else f"{first} {last}"
+
+
+def _trajectory(first_obs: str, steps: Sequence[Step], keep_last_full: bool) -> list[str]:
+    obs = [first_obs] + [o for _, o in steps]
+    shown = [compact(o) for o in obs]
+    if keep_last_full:
+        shown[-1] = obs[-1]
+    return [shown[0]] + [f"> {a}\n{o}" for (a, _), o in zip(steps, shown[1:])]
 
 
 def _fit(head: str, lines: list[str], tail: str, fits: Callable[[str], bool]) -> str:
@@ -31,7 +47,7 @@ def actor_prompt(env_name: str, instruction: str, memory: Sequence[str], first_o
     if memory:  # Reflexion's format: "Your memory for the task below: Trial i: ..."
         head += "Your memory for the task below:\n"
         head += "".join(f"Trial {i}: {m}\n" for i, m in enumerate(memory))
-    return _fit(head, _trajectory(first_obs, steps), ">", fits)
+    return _fit(head, _trajectory(first_obs, steps, keep_last_full=True), ">", fits)
 
 
 def reflection_prompt(env_name: str, instruction: str, memory: Sequence[str], first_obs: str,
@@ -43,7 +59,7 @@ def reflection_prompt(env_name: str, instruction: str, memory: Sequence[str], fi
         head += "Earlier reflections:\n" + "".join(f"- {m}\n" for m in memory)
     head += f"The trial below failed with return {ret:.2f}.\n"
     tail = "Reflection: In the next trial I will"
-    return _fit(head, _trajectory(first_obs, steps), tail, fits)
+    return _fit(head, _trajectory(first_obs, steps, keep_last_full=False), tail, fits)
 
 
 def action_from_text(text: str) -> str:

@@ -9,6 +9,12 @@ class EnvError(RuntimeError):
     """An environment failed (raised, crashed, returned garbage); the episode is marked errored."""
 
 
+def one_line_error(where: str, err: Exception) -> str:
+    """`where: ExcType: first line` — simulators raise multi-line traces; runs log one line."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{where}: {type(err).__name__}: {first}"
+
+
 @dataclass(frozen=True)
 class Task:
     """One task: a game and a seed in a fold. Trials of the same task replay the same game."""
@@ -27,6 +33,7 @@ class Observation:
     score: float = 0.0  # return so far, in [0, 1]
     done: bool = False
     success: bool = False
+    actions_complete: bool = True  # False: valid_actions are examples, other commands are accepted too
 
 
 class TextEnv(Protocol):

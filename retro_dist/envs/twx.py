@@ -1,7 +1,7 @@
 """TextWorldExpress games (Jansen & Côté 2022): fast, offline, deterministic per (game, fold, seed)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional
 
 from retro_dist.envs.base import EnvError, Observation, Task
 
@@ -53,17 +53,62 @@ class TwxEnv:
                   "test": self._env.getValidSeedsTest}[split]
         return sorted(int(s) for s in getter())
 
+    def gold_path(self, task: Task) -> list[str]:
+        game = task.env_name.split("/", 1)[1]
+        self._env.load(game, self._params)
+        self._game = game
+        self._env.reset(seed=task.seed, gameFold=task.split, generateGoldPath=True)
+        return [a for a in self._env.getGoldActionSequence() if a not in ("look around", "task")]
+
     def close(self) -> None:
         self._env.close()
 
 
-def twx_tasks(games: Sequence[str], split: str, seeds_by_game: dict[str, list[int]],
-              start: int, count: int, num_tasks: int) -> list[Task]:
-    """Tasks number `start .. start+count-1` of a fold, cycling games then seeds (multi-task mix)."""
-    tasks = []
-    for i in range(start, start + count):
-        game = games[i % len(games)]
-        seeds = seeds_by_game[game][:num_tasks]
-        seed = seeds[(i // len(games)) % len(seeds)]
-        tasks.append(Task(f"twx/{game}/{split}/{seed}", f"twx/{game}", seed, split))
-    return tasks
+class TwxFamily:
+    """TextWorldExpress tasks: seeds of a fold, in ascending order; oracle plans by search."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._probe: TwxEnv | None = None  # one simulator for listing seeds and planning
+
+    def _env(self) -> TwxEnv:
+        if self._probe is None:
+            self._probe = TwxEnv(self.cfg.game_params, step_limit=max(self.cfg.step_limit, 40))
+        return self._probe
+
+    def tasks(self, game: str, split: str, count: int) -> list[Task]:
+        seeds = self._env().seeds(game, split)[:count]
+        return [Task(f"twx/{game}/{split}/{s}", f"twx/{game}", s, split) for s in seeds]
+
+    def make(self) -> TwxEnv:
+        return TwxEnv(self.cfg.game_params, self.cfg.step_limit)
+
+    def oracle_plan(self, task: Task, prefix: tuple[str, ...] | list[str] = (),
+                    max_depth: int = 5) -> Optional[list[str]]:
+        """Shortest plan from the state after `prefix`. For `coin`, breadth-first search over moves
+        until `take coin` is valid (the game's gold path can wander: ENVIRONMENT.md); other games
+        use the gold path (from the start only)."""
+        env = self._env()
+        if task.env_name != "twx/coin":
+            return None if prefix else env.gold_path(task)
+        start = list(prefix)
+        frontier: list[list[str]] = [start]
+        for _ in range(max_depth + 1):
+            nxt = []
+            for prefix in frontier:
+                _, obs = env.reset(task)
+                for a in prefix:
+                    obs = env.step(a)
+                if "take coin" in (obs.valid_actions or []):
+                    return prefix[len(start):] + ["take coin"]
+                back = _opposite(prefix[-1]) if prefix else None
+                nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
+            frontier = nxt
+        return None
+
+
+_OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+
+
+def _opposite(move: str) -> str:
+    return "move " + _OPPOSITE.get(move.split()[-1], "")

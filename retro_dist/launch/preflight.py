@@ -43,8 +43,8 @@ def preflight(cfg: Config) -> None:
     if "vllm" in (cfg.actor.backend, cfg.reflector.backend) and importlib.util.find_spec("vllm") is None:
         raise PreflightError("vLLM is not installed: `pip install retro-dist[cpu]` (or [gpu]), "
                              "or set actor.backend and reflector.backend to hf")
-    if cfg.env.name == "twx" and shutil.which("java") is None:
-        raise PreflightError("env.name twx (TextWorldExpress) needs Java on PATH (e.g. apt install openjdk-17-jre)")
+    if any(g.startswith(("twx/", "alfworld/")) for g in cfg.env.games) and shutil.which("java") is None:
+        raise PreflightError("twx games (TextWorldExpress) need Java on PATH (e.g. apt install openjdk-17-jre)")
     if cfg.actor.backend == "openai":
         from retro_dist.agents.backends import BackendError, check_endpoint
 

@@ -110,40 +110,82 @@ class Learner:
         """`updates_per_iteration` gradient steps, then a new policy version and a checkpoint."""
         t0 = time.time()
         self.store.refresh()
-        stats: list[dict] = []
-        for _ in range(self.cfg.updates_per_iteration):
-            batch = self.store.sample("reflections", self.cfg.batch_size, rng=self.rng,
-                                      step=self.steps, current_version=self.version)
-            if batch is None or batch.table.num_rows == 0:
-                break
-            stats.append(self.update(batch.table, batch.probs))
+        sft = self.version < self.cfg.sft_iterations
+        if sft:
+            stats = self._sft_steps()
+        elif self.cfg.batch_source == "fresh":
+            stats = self._fresh_steps()
+        else:
+            stats = self._replay_steps()
         self.version += 1
         ckpt = self.save_checkpoint()
         out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
-        out.update({"learner/updates": len(stats), "learner/version": self.version,
+        out.update({"learner/updates": len(stats), "learner/version": self.version, "learner/sft": int(sft),
                     "learner/steps": self.steps, "learner/checkpoint": str(ckpt),
                     "time/learn_seconds": time.time() - t0})
         out.update(self.store.metrics())
         return out
 
-    def update(self, table, probs: Optional[np.ndarray] = None) -> dict:
-        """One gradient step on a batch of reflection samples (an Arrow table)."""
-        cols = table.to_pydict()
-        tasks, rewards = cols["task_id"], np.asarray(cols["reward"], dtype=np.float64)
-        b = self.baseline.values(tasks)
+    def _replay_steps(self) -> list[dict]:
+        stats = []
+        for _ in range(self.cfg.updates_per_iteration):
+            batch = self.store.sample("reflections", self.cfg.batch_size, rng=self.rng,
+                                      step=self.steps, current_version=self.version)
+            if batch is None or batch.table.num_rows == 0:
+                break
+            stats.append(self.update(batch.table))
+        return stats
+
+    def _fresh_steps(self) -> list[dict]:
+        """On-policy: this version's samples, advantages computed over whole groups first."""
+        table = self.store.read("reflections", min_policy_version=self.version)
+        if table.num_rows == 0:
+            return []
+        adv, base = self.advantages(table)
+        stats = []
+        for _ in range(self.cfg.updates_per_iteration):
+            idx = self.rng.choice(table.num_rows, size=min(self.cfg.batch_size, table.num_rows), replace=False)
+            stats.append(self.update(table.take(idx), adv[idx], base[idx]))
+        return stats
+
+    def _sft_steps(self) -> list[dict]:
+        """Likelihood of positively rewarded reflections: REINFORCE with A = 1 and on-policy weights."""
+        table = self.store.read("reflections")
+        reward = np.asarray(table.column("reward").to_numpy(zero_copy_only=False))
+        table = table.filter(reward > 0)
+        stats = []
+        for _ in range(self.cfg.updates_per_iteration if table.num_rows else 0):
+            idx = self.rng.choice(table.num_rows, size=min(self.cfg.batch_size, table.num_rows), replace=False)
+            stats.append(self.update(table.take(idx), np.ones(len(idx)), np.zeros(len(idx)), on_policy=True))
+        return stats
+
+    def advantages(self, table) -> tuple[np.ndarray, np.ndarray]:
+        """(A, b) per row. Leave-one-out groups are samples of the same task and trial."""
+        cols = table.select(["task_id", "trial", "reward"]).to_pydict()
+        rewards = np.asarray(cols["reward"], dtype=np.float64)
+        b = self.baseline.values(cols["task_id"])
         if self.cfg.baseline == "leave_one_out":
-            b = baselines.leave_one_out(tasks, rewards, fallback=b)
+            groups = [f"{t}#{k}" for t, k in zip(cols["task_id"], cols["trial"])]
+            b = baselines.leave_one_out(groups, rewards, fallback=b)
         elif self.cfg.baseline == "none":
             b = np.zeros_like(rewards)
-        adv = rewards - b
-        self.baseline.update(tasks, rewards)
+        self.baseline.update(cols["task_id"], rewards)
+        return rewards - b, b
+
+    def update(self, table, adv: Optional[np.ndarray] = None, base: Optional[np.ndarray] = None,
+               on_policy: bool = False) -> dict:
+        """One gradient step on a batch of reflection samples (an Arrow table)."""
+        cols = table.to_pydict()
+        rewards = np.asarray(cols["reward"], dtype=np.float64)
+        if adv is None:
+            adv, base = self.advantages(table)
         n = len(rewards)
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
         for lo in range(0, n, self.cfg.micro_batch_size):
             sl = slice(lo, lo + self.cfg.micro_batch_size)
             loss, st = self._micro_loss(cols["prompt_ids"][sl], cols["reflection_ids"][sl],
-                                        cols["behaviour_logprobs"][sl], adv[sl], normalizer=n)
+                                        None if on_policy else cols["behaviour_logprobs"][sl], adv[sl], normalizer=n)
             loss.backward()
             parts.append(st)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -154,7 +196,7 @@ class Learner:
                 "losses/mean_ratio": float(np.mean([p.mean_ratio for p in parts])),
                 "losses/clip_fraction": float(np.mean([p.clip_fraction for p in parts])),
                 "losses/logprob": float(np.mean([p.mean_logprob for p in parts])),
-                "reward/mean": float(rewards.mean()), "reward/baseline": float(b.mean()),
+                "reward/mean": float(rewards.mean()), "reward/baseline": float(np.mean(base)),
                 "reward/advantage_abs": float(np.abs(adv).mean()),
                 "staleness/version_lag_mean": float(lag.mean()), "staleness/version_lag_max": int(lag.max())}
 
@@ -169,7 +211,8 @@ class Learner:
         mask = pad([[1.0] * len(y) for y in refl_ids], t_max, 0.0).to(self.device)
         tok_lp = losses.token_logprobs(self.model(input_ids=ids, attention_mask=attn).logits, ids)
         logp = tok_lp.gather(1, gather.to(self.device)) * mask
-        beh = pad([list(x) for x in behaviour], t_max, 0.0).to(self.device)
+        # behaviour None: treat the samples as on-policy (importance weights 1), as SFT does
+        beh = (logp.detach() if behaviour is None else pad([list(x) for x in behaviour], t_max, 0.0).to(self.device))
         a = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
         if self.cfg.loss == "ppo_clip":
             return losses.ppo_clip_loss(logp, beh, a, mask, normalizer, self.cfg.clip_eps)

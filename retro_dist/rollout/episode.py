@@ -75,7 +75,9 @@ def _run_trial(live: list[_Episode], actor: ActorPolicy, step_limit: int, seed: 
             break
         texts = [prompts.actor_prompt(ep.task.env_name, ep.instruction, ep.memory, ep.first_obs,
                                       ep.steps, actor.fits) for ep in acting]
-        actions = actor.act(texts, seed=seed + t)
+        # only a complete list can be scored; elsewhere (e.g. HotPotQA's finish[answer]) the actor generates
+        valid = [ep.last.valid_actions if ep.last.actions_complete else None for ep in acting]
+        actions = actor.act(texts, seed=seed + t, valid_actions=valid)
         for ep, action in zip(acting, actions):
             obs = _guard(ep, ep.env.step, action)
             if obs is not None:
@@ -110,7 +112,7 @@ def _reflection_sample(ep: _Episode, ids: EpisodeIds, trial: int, ret_after: flo
 
 
 def run_episodes(tasks: Sequence[Task], envs: Sequence[TextEnv], ids: EpisodeIds,
-                 actor: ActorPolicy, reflector: ReflectorPolicy, trials: int, memory_size: int,
+                 actor: ActorPolicy, reflector: Optional[ReflectorPolicy], trials: int, memory_size: int,
                  step_limit: int) -> EpisodeOutput:
     """Run len(tasks) multi-trial episodes side by side, one environment each."""
     eps = [_Episode(t, e, i) for t, e, i in zip(tasks, envs, ids.episode_ids)]
@@ -121,7 +123,7 @@ def run_episodes(tasks: Sequence[Task], envs: Sequence[TextEnv], ids: EpisodeIds
             break
         _run_trial(live, actor, step_limit, seed=ids.seed + 1000 * k)
         for ep in live:
-            rec = _trial_record(ep, ids, k, reflector.version)
+            rec = _trial_record(ep, ids, k, reflector.version if reflector is not None else -1)
             out.trials.append(rec)
             if ep.error is not None:
                 out.errors.append(f"{ep.task.task_id} trial {k}: {ep.error}")
@@ -132,7 +134,7 @@ def run_episodes(tasks: Sequence[Task], envs: Sequence[TextEnv], ids: EpisodeIds
                 out.reflections.append(_reflection_sample(ep, ids, k - 1, rec.ret))
                 ep.pending = None
         failed = [ep for ep in live if ep.error is None and not ep.solved]
-        if k + 1 < trials and failed:
+        if k + 1 < trials and failed and reflector is not None:  # None: retries without reflection
             _reflect(failed, reflector, memory_size, seed=ids.seed + 1000 * k + 500)
     return out
 
@@ -140,7 +142,7 @@ def run_episodes(tasks: Sequence[Task], envs: Sequence[TextEnv], ids: EpisodeIds
 def _reflect(failed: list[_Episode], reflector: ReflectorPolicy, memory_size: int, seed: int) -> None:
     texts = [prompts.reflection_prompt(ep.task.env_name, ep.instruction, ep.memory, ep.first_obs,
                                        ep.steps, ep.returns[-1], reflector.fits) for ep in failed]
-    gens = reflector.reflect(texts, seed=seed)
+    gens = reflector.reflect(texts, seed=seed, tasks=[ep.task for ep in failed])
     for ep, gen in zip(failed, gens):
         text = prompts.reflection_from_text(gen.text)
         ep.pending = (gen, text, ep.returns[-1], reflector.version)

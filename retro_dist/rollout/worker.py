@@ -17,7 +17,7 @@ from retro_dist.agents.backends import Adapter
 from retro_dist.agents.policies import build_policies
 from retro_dist.config import ActorConfig, EnvConfig, ReflectorConfig, RolloutConfig, VLLMConfig
 from retro_dist.core.records import to_batch
-from retro_dist.envs.twx import TwxEnv, twx_tasks
+from retro_dist.envs.registry import MixedEnv, TaskMix
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.writer import ReplayWriter
 from retro_dist.rollout.episode import EpisodeIds, run_episodes
@@ -55,8 +55,8 @@ class RolloutWorker:
         self.actor, self.reflector = build_policies(spec.actor, spec.reflector, spec.vllm,
                                                     seed=spec.seed + spec.worker_id)
         e = spec.env
-        self.envs = [TwxEnv(e.game_params, e.step_limit) for _ in range(spec.rollout.parallel_tasks)]
-        self.seeds = {g: self.envs[0].seeds(g, e.split)[: e.num_tasks] for g in e.games}
+        self.envs = [MixedEnv(e) for _ in range(spec.rollout.parallel_tasks)]
+        self.tasks = TaskMix(e, e.split)
         self.writer = ReplayWriter(spec.replay_root, f"worker-{spec.worker_id}", spec.replay)
         self.sync_seconds = 0.0
         self.versions_used: set[int] = set()
@@ -90,7 +90,8 @@ class RolloutWorker:
             if sync:
                 stats["syncs"].append(sync)
             n = min(r.parallel_tasks, r.tasks_per_iteration - lo)
-            tasks = twx_tasks(e.games, e.split, self.seeds, base + lo, n, e.num_tasks)
+            g = r.repeats_per_task  # consecutive episodes share a task: G reflections per failed trial
+            tasks = [t for t in self.tasks.take((base + lo) // g, -(-n // g)) for _ in range(g)][:n]
             ids = EpisodeIds(self.spec.run_id, self.spec.worker_id, list(range(base + lo, base + lo + n)),
                              seed=self.spec.seed * 7919 + base + lo)
             out = run_episodes(tasks, self.envs[:n], ids, self.actor, self.reflector,

@@ -45,7 +45,7 @@ class ScriptedActor:
     def __init__(self, real):
         self.fits, self.tokenizer = real.fits, real.tokenizer
 
-    def act(self, prompts, seed):
+    def act(self, prompts, seed, valid_actions=None):
         return ["take coin" if "Your memory" in p else "look around" for p in prompts]
 
 

@@ -1,0 +1,192 @@
+"""`retro-dist pretrain-actor`: make the tiny frozen actor able to act, and to act on advice.
+
+No pretrained LLM is reachable here, so the actor is trained by behaviour cloning on oracle plans
+(shortest action sequences computed from the game, `EnvFamily.oracle_plan`). Two kinds of
+examples, in the exact prompt format the rollouts use:
+- no advice: empty memory, the oracle plan's actions: the actor learns a prior over where to look;
+- advice: a plan for a route through the map (the oracle's, or a random one, so mostly wrong) is
+  the newest reflection in memory, and the actor follows it literally, finishes as soon as the goal
+  is one action away, and continues with the oracle plan once the advice is used up. Because the
+  advice is uncorrelated with the answer, only reading it tells the actor where to go: it learns
+  to follow advice, not to memorise the 1,000 training maps (which it did when advice was always right).
+Loss: next-token cross-entropy on the whole text, with prompt tokens down-weighted, so the model
+also learns the language of the games and of plans (the reflector starts from this checkpoint).
+The reflector never trains on these plans: it only starts from the same pretrained LM.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from retro_dist.agents import prompts
+from retro_dist.config import EnvConfig
+from retro_dist.envs.registry import family, split_game
+
+
+def plan_reflection(plan: list[str]) -> str:
+    """A plan as a reflection in memory, in the exact form the reflector's text takes there."""
+    return prompts.reflection_from_text(", ".join(plan) + ".")
+
+
+@dataclass
+class Example:
+    prompt: str
+    action: str
+
+
+def _walk(env, task, memory: list[str], prefix: list[str], plan: list[str]) -> list[Example]:
+    """Replay `prefix` (no examples), then one example per action of `plan`."""
+    instruction, obs = env.reset(task)
+    first, steps = obs.text, []
+    for a in prefix:
+        obs = env.step(a)
+        steps.append((a, obs.text))
+    out = []
+    for a in plan:
+        out.append(Example(prompts.actor_prompt(task.env_name, instruction, memory, first, steps), a))
+        obs = env.step(a)
+        steps.append((a, obs.text))
+    return out
+
+
+def _routes(env, task, depth: int) -> list[list[str]]:
+    """Every move sequence up to `depth` moves from the start, without stepping straight back."""
+    out, frontier = [], [[]]
+    for _ in range(depth):
+        nxt = []
+        for prefix in frontier:
+            _, obs = env.reset(task)
+            for a in prefix:
+                obs = env.step(a)
+            back = _reverse(prefix[-1]) if prefix else None
+            nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
+        out += nxt
+        frontier = nxt
+    return out
+
+
+def _reverse(move: str) -> str:
+    pairs = {"north": "south", "south": "north", "east": "west", "west": "east"}
+    return "move " + pairs.get(move.split()[-1], "")
+
+
+def _follow(env, fam, task, memory: list[str], route: list[str]) -> list[Example]:
+    """Follow the newest plan literally; finish as soon as the goal is one action away; once the
+    plan is used up, continue with the oracle plan from there. Teaches reading the plan, not the map."""
+    instruction, obs = env.reset(task)
+    first, steps, out = obs.text, [], []
+
+    def emit(action):
+        nonlocal obs
+        out.append(Example(prompts.actor_prompt(task.env_name, instruction, memory, first, steps), action))
+        obs = env.step(action)
+        steps.append((action, obs.text))
+
+    for move in route:
+        rest = fam.oracle_plan(task, prefix=[a for a, _ in steps])
+        if rest is not None and len(rest) == 1:
+            break  # the goal is in reach: take it, whatever the plan says next
+        if move not in (obs.valid_actions or []):
+            break
+        emit(move)
+    for action in fam.oracle_plan(task, prefix=[a for a, _ in steps]) or []:
+        emit(action)
+    return out
+
+
+def build_examples(cfg: EnvConfig, n_tasks: int, seed: int = 0, routes_per_task: int = 4) -> list[Example]:
+    rng = random.Random(seed)
+    examples: list[Example] = []
+    for spec in cfg.games:
+        fam_name, game = split_game(spec)
+        fam = family(fam_name, cfg)
+        env = fam.make()
+        for task in fam.tasks(game, "train", n_tasks):
+            plan = fam.oracle_plan(task)
+            if not plan:
+                continue
+            examples += _walk(env, task, [], [], plan)  # no advice: a prior over where to look
+            routes = _routes(env, task, depth=2)
+            chosen = [plan[:-1]] + rng.sample(routes, min(routes_per_task - 1, len(routes)))
+            for route in chosen:
+                older = [plan_reflection(r + [plan[-1]]) for r in rng.sample(routes, min(1, len(routes)))]
+                memory = (older if rng.random() < 0.5 else []) + [plan_reflection(route + [plan[-1]])]
+                examples += _follow(env, fam, task, memory, route)
+        env.close()
+    rng.shuffle(examples)
+    return examples
+
+
+def train_actor(examples: list[Example], base: str, output: str, minutes: float, batch_size: int = 32,
+                lr: float = 2e-3, prompt_weight: float = 0.1, max_tokens: int = 768, seed: int = 0,
+                log_every: int = 100) -> dict:
+    """Behaviour cloning for `minutes` of wall time; saves an HF checkpoint to `output`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    rows = []
+    for ex in examples:
+        p = tok(ex.prompt).input_ids
+        a = tok(f" {ex.action}\n", add_special_tokens=False).input_ids
+        if len(p) + len(a) <= max_tokens:
+            rows.append((p, a))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng = random.Random(seed)
+    deadline, step, history = time.time() + 60 * minutes, 0, []
+    model.train()
+    while time.time() < deadline:
+        batch = rng.sample(rows, min(batch_size, len(rows)))
+        loss, action_loss = _bc_loss(model, tok, batch, prompt_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append(action_loss)
+        if step % log_every == 0:
+            recent = sum(history[-log_every:]) / log_every
+            print(f"  step {step}: action loss {recent:.3f}", flush=True)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tok.save_pretrained(output)
+    return {"steps": step, "examples": len(rows), "final_action_loss": sum(history[-50:]) / max(1, len(history[-50:]))}
+
+
+def _bc_loss(model, tok, batch, prompt_weight: float):
+    import torch
+
+    seqs = [p + a for p, a in batch]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    weight = torch.zeros(len(seqs), width - 1)
+    is_action = torch.zeros(len(seqs), width - 1)
+    for i, (p, a) in enumerate(batch):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        weight[i, : len(p) - 1] = prompt_weight  # predicting prompt tokens 1..P-1
+        weight[i, len(p) - 1 : len(p) + len(a) - 1] = 1.0  # predicting the action tokens
+        is_action[i, len(p) - 1 : len(p) + len(a) - 1] = 1.0
+    attn = (ids != tok.pad_token_id).long()
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                            reduction="none").view(len(seqs), -1)
+    loss = (nll * weight).sum() / weight.sum()
+    action_loss = float((nll.detach() * is_action).sum() / is_action.sum())
+    return loss, action_loss
+
+
+def pretrain_actor(cfg: EnvConfig, base: str, output: str, n_tasks: int, minutes: float,
+                   force: bool = False, seed: int = 0) -> Optional[dict]:
+    """Build examples and train; skipped (returns None) when `output` already holds a checkpoint."""
+    if (Path(output) / "config.json").is_file() and not force:
+        return None
+    t0 = time.time()
+    examples = build_examples(cfg, n_tasks, seed)
+    print(f"pretrain-actor: {len(examples)} examples from {n_tasks} train tasks per game "
+          f"({time.time() - t0:.0f}s)", flush=True)
+    return train_actor(examples, base, output, minutes, seed=seed)

@@ -1,0 +1,39 @@
+"""Evaluation statistics (pure numpy): cumulative success by trial and 95% confidence intervals."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def cumulative_success(first_success: Sequence[Optional[int]], trials: int) -> np.ndarray:
+    """(K,) share of tasks solved at or before each trial; `first_success[i]` is None if never."""
+    n = len(first_success)
+    out = np.zeros(trials)
+    for t in first_success:
+        if t is not None:
+            out[t:] += 1
+    return out / max(n, 1)
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
+    """Mean of a_i - b_i over the same tasks, with a normal-approximation 95% interval."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else 0.0, -1.0, 1.0)
+    half = z * d.std(ddof=1) / math.sqrt(len(d))
+    return (float(d.mean()), float(d.mean() - half), float(d.mean() + half))

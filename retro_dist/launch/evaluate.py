@@ -1,0 +1,138 @@
+"""`retro-dist eval`: N held-out tasks × K trials, four arms, spread over Ray workers.
+
+Reports cumulative success by trial per arm (the paper's table) with Wilson 95% intervals, the
+paired trained − initial difference at the last trial with its 95% interval, and writes
+`eval.md`, `eval.json` and `eval.png` to the output folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from retro_dist.config import Config
+from retro_dist.core.stats import cumulative_success, paired_difference, wilson_interval
+from retro_dist.envs.registry import TaskMix
+from retro_dist.launch.preflight import preflight
+from retro_dist.rollout.evaluation import ARMS, Evaluator, load_adapter
+
+
+def _arm_order(arms: Sequence[str]) -> list[str]:
+    # `initial` must run before the worker's reflector gets the trained adapter
+    return sorted(arms, key=lambda a: ("none", "initial", "oracle", "trained").index(a))
+
+
+def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, split: str,
+             output: str, arms: Sequence[str] = ARMS, address: Optional[str] = None) -> dict:
+    from retro_dist.launch.train import with_absolute_model_paths
+
+    if "trained" in arms and not checkpoint:
+        raise ValueError("the trained arm needs --checkpoint (a peft adapter folder)")
+    preflight(cfg)
+    cfg = with_absolute_model_paths(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, split=split)))
+    adapter = load_adapter(checkpoint) if checkpoint else None
+    tasks = TaskMix(cfg.env, split).take(0, n_tasks)
+    arms = _arm_order(arms)
+    t0 = time.time()
+    n_workers = max(1, cfg.rollout.num_workers)
+    shards = [tasks[i::n_workers] for i in range(n_workers)]
+    if cfg.rollout.num_workers == 0 and not address:
+        ev = Evaluator(cfg)
+        per_shard = [{arm: ev.run_arm(arm, shards[0], trials, adapter) for arm in arms}]
+        ev.close()
+    else:
+        per_shard = _on_ray(cfg, shards, arms, trials, adapter, address)
+    first = {arm: [None] * len(tasks) for arm in arms}
+    for s, result in enumerate(per_shard):  # undo the round-robin sharding
+        for arm in arms:
+            for j, f in enumerate(result[arm]):
+                first[arm][s + j * n_workers] = f
+    report = _report(first, tasks, trials, split, checkpoint, time.time() - t0)
+    _write(report, Path(output))
+    return report
+
+
+def _on_ray(cfg: Config, shards, arms, trials, adapter, address):
+    import ray
+
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or len(shards), _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm.kv_cache_gib)}})
+    try:
+        cls = ray.remote(Evaluator).options(num_cpus=cfg.rollout.worker_num_cpus,
+                                            num_gpus=cfg.rollout.worker_num_gpus)
+        workers = [cls.remote(cfg, i) for i in range(len(shards))]
+        adapter_ref = ray.put(adapter)  # one copy in the object store for every worker
+
+        def shard_result(w, shard):
+            return {arm: w.run_arm.remote(arm, shard, trials, adapter_ref if arm == "trained" else None)
+                    for arm in arms}
+
+        futures = [shard_result(w, shard) for w, shard in zip(workers, shards)]
+        return [{arm: ray.get(f[arm]) for arm in arms} for f in futures]
+    finally:
+        ray.shutdown()
+
+
+def _report(first: dict, tasks, trials: int, split: str, checkpoint, seconds: float) -> dict:
+    n = len(tasks)
+    rates = {arm: cumulative_success(f, trials).tolist() for arm, f in first.items()}
+    ci = {arm: [list(wilson_interval(r * n, n)) for r in rs] for arm, rs in rates.items()}
+    report = {"arms": rates, "ci95": ci, "tasks": n, "trials": trials, "split": split,
+              "task_ids": [t.task_id for t in tasks], "seeds": [t.seed for t in tasks],
+              "checkpoint": checkpoint, "seconds": seconds}
+    if "trained" in first and "initial" in first:
+        last = trials - 1
+        solved = {arm: [1.0 if f is not None and f <= last else 0.0 for f in first[arm]] for arm in first}
+        mean, lo, hi = paired_difference(solved["trained"], solved["initial"])
+        report["trained_minus_initial_last_trial"] = {"mean": mean, "ci95": [lo, hi]}
+    return report
+
+
+def markdown(report: dict) -> str:
+    k = report["trials"]
+    lines = [f"Cumulative success rate by trial: {report['tasks']} tasks, split `{report['split']}`, "
+             f"95% Wilson intervals.", "",
+             "| arm | " + " | ".join(f"trial {i + 1}" for i in range(k)) + " |",
+             "|---|" + "---|" * k]
+    for arm, rs in report["arms"].items():
+        cells = [f"{r:.3f} [{lo:.3f}, {hi:.3f}]" for r, (lo, hi) in zip(rs, report["ci95"][arm])]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if "trained_minus_initial_last_trial" in report:
+        d = report["trained_minus_initial_last_trial"]
+        lines += ["", f"Trained − initial at trial {k} (paired over tasks): {d['mean']:+.3f} "
+                      f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"]
+    return "\n".join(lines) + "\n"
+
+
+def _write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    (out / "eval.md").write_text(markdown(report))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("retro-dist: matplotlib not installed; skipping eval.png")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = np.arange(1, report["trials"] + 1)
+    for arm, rs in report["arms"].items():
+        lo, hi = np.array(report["ci95"][arm]).T
+        ax.errorbar(x, rs, yerr=[np.array(rs) - lo, hi - np.array(rs)], marker="o", capsize=3, label=arm)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("cumulative success rate")
+    ax.set_xticks(x)
+    ax.set_title(f"{report['tasks']} held-out tasks ({report['split']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=120)
+    plt.close(fig)

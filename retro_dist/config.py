@@ -136,6 +136,8 @@ class RolloutConfig:
     """Trials per task (K); a reflection is written after each failed trial but the last."""
     memory_size: int = 3
     """Reflections kept in the actor's prompt (M, Reflexion's long-term memory)."""
+    max_consecutive_errors: int = 20
+    """A worker stops with an error after this many errored episodes in a row (a dead simulator or endpoint)."""
     repeats_per_task: int = 1
     """Episodes per task per iteration (G): with a greedy actor, G reflections of the same failed trial, for the leave-one-out baseline."""
 
@@ -143,7 +145,7 @@ class RolloutConfig:
 @dataclass
 class LearnerConfig:
     device: str = "auto"
-    """`auto` (CUDA if present), `cpu` or `cuda`."""
+    """`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`."""
     num_gpus: float = 0.0
     """Ray GPUs reserved for the learner."""
     lr: float = 5e-4
@@ -219,6 +221,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:  # an empty YAML section (`ray:` with nothing under it)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -272,16 +276,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _at_least(value, low, key: str) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each conflict names the keys involved."""
     r, a, lrn = cfg.rollout, cfg.actor, cfg.learner
-    if r.trials < 1 or r.memory_size < 0 or r.tasks_per_iteration < 1 or r.parallel_tasks < 1:
-        raise ConfigError("rollout: trials, tasks_per_iteration and parallel_tasks must be >= 1")
+    for key, value, low in (("run.iterations", cfg.run.iterations, 1), ("rollout.trials", r.trials, 1),
+                            ("rollout.tasks_per_iteration", r.tasks_per_iteration, 1),
+                            ("rollout.parallel_tasks", r.parallel_tasks, 1), ("rollout.num_workers", r.num_workers, 0),
+                            ("rollout.max_consecutive_errors", r.max_consecutive_errors, 1),
+                            ("env.step_limit", cfg.env.step_limit, 1), ("env.num_tasks", cfg.env.num_tasks, 1),
+                            ("learner.batch_size", lrn.batch_size, 1), ("learner.micro_batch_size", lrn.micro_batch_size, 1),
+                            ("learner.updates_per_iteration", lrn.updates_per_iteration, 1),
+                            ("learner.sft_iterations", lrn.sft_iterations, 0)):
+        _at_least(value, low, key)
+    if r.memory_size < 1:
+        raise ConfigError("rollout.memory_size must be >= 1: with no memory, reflections never reach the actor "
+                          "and their rewards are noise")
     if r.repeats_per_task < 1 or r.tasks_per_iteration % r.repeats_per_task or r.parallel_tasks % r.repeats_per_task:
         raise ConfigError("rollout.tasks_per_iteration and rollout.parallel_tasks must be multiples of "
                           "rollout.repeats_per_task (a task's repeats run side by side)")
-    if r.num_workers < 0:
-        raise ConfigError("rollout.num_workers must be >= 0")
     if a.backend == "openai" and not a.base_url:
         raise ConfigError("actor.base_url is required when actor.backend is 'openai'")
     if a.backend == "openai" and a.action_selection == "score_valid":
@@ -291,15 +308,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
     if lrn.batch_size % lrn.micro_batch_size:
         raise ConfigError("learner.batch_size must be a multiple of learner.micro_batch_size")
-    if cfg.run.iterations < 1:
-        raise ConfigError("run.iterations must be >= 1")
-    if cfg.reflector.temperature <= 0:
-        raise ConfigError("reflector.temperature must be > 0 (the policy gradient needs a sampled reflection)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", lrn.device):
+        raise ConfigError(f"learner.device: '{lrn.device}' is not auto, cpu, cuda or cuda:N")
+    if lrn.baseline == "leave_one_out" and lrn.batch_source != "fresh":
+        raise ConfigError("learner.baseline 'leave_one_out' needs learner.batch_source 'fresh': replay batches "
+                          "rarely hold a sample's group and may hold the sample itself twice")
+    if cfg.reflector.temperature != 1.0:
+        raise ConfigError("reflector.temperature must be 1.0: behaviour log-probs are stored untempered, so "
+                          "importance ratios would compare different distributions")
+    if cfg.replay.on_overflow == "block":
+        raise ConfigError("replay.on_overflow 'block' would wait forever: the train loop rolls out, then learns, "
+                          "so no rows arrive while the learner waits; use 'drop'")
     if not cfg.env.games:
         raise ConfigError("env.games must name at least one game")
     for g in cfg.env.games:
         fam = g.partition("/")[0]
-        if fam not in ("twx", "textworld", "hotpotqa", "alfworld"):
+        if fam not in ("twx", "textworld", "hotpotqa", "alfworld") or not g.partition("/")[2]:
             raise ConfigError(f"env.games: '{g}' must be <family>/<game> with family twx, textworld, hotpotqa or alfworld")
         if fam in ("hotpotqa", "alfworld") and not cfg.env.data_path:
             raise ConfigError(f"env.data_path is required for '{g}' (point it at your {fam} data)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -61,6 +62,17 @@ def load_tokenizer(name: str):
     return tok
 
 
+def check_lora_config(saved: dict, peft_model, where: str) -> None:
+    """An adapter must be loaded into a LoRA of the same shape and scale, or it silently changes."""
+    mine = peft_model.peft_config["default"]
+    for key, have in (("r", mine.r), ("lora_alpha", mine.lora_alpha),
+                      ("target_modules", sorted(mine.target_modules))):
+        want = sorted(saved[key]) if key == "target_modules" else saved.get(key)
+        if want != have:
+            name = {"r": "lora_rank", "lora_alpha": "lora_alpha", "target_modules": "lora_target_modules"}[key]
+            raise BackendError(f"{where}: adapter has {key}={want!r} but reflector.{name} is {have!r}")
+
+
 class HFBackend:
     """transformers model on CPU/GPU; with `lora` it is a peft model whose adapter is swapped in place."""
 
@@ -82,6 +94,7 @@ class HFBackend:
     def load_adapter(self, adapter: Adapter) -> None:
         from peft import set_peft_model_state_dict
 
+        check_lora_config(adapter.peft_config, self.model, f"adapter v{adapter.version}")
         result = set_peft_model_state_dict(self.model, adapter.tensors)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing:
@@ -212,6 +225,12 @@ class VLLMBackend:
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(adapter.peft_config))
         self._lora_request = LoRARequest(f"reflector-v{adapter.version}", adapter.version + 1, str(path))
+        for old in self._adapter_dir.glob("v*"):  # the engine has loaded what it needs; keep the newest only
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     def _lora(self, use_adapter: bool):
         return self._lora_request if use_adapter else None

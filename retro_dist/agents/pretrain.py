@@ -24,6 +24,7 @@ from typing import Optional
 from retro_dist.agents import prompts
 from retro_dist.config import EnvConfig
 from retro_dist.envs.registry import family, split_game
+from retro_dist.envs.twx import reverse_move
 
 
 def plan_reflection(plan: list[str]) -> str:
@@ -61,16 +62,11 @@ def _routes(env, task, depth: int) -> list[list[str]]:
             _, obs = env.reset(task)
             for a in prefix:
                 obs = env.step(a)
-            back = _reverse(prefix[-1]) if prefix else None
+            back = reverse_move(prefix[-1]) if prefix else None
             nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
         out += nxt
         frontier = nxt
     return out
-
-
-def _reverse(move: str) -> str:
-    pairs = {"north": "south", "south": "north", "east": "west", "west": "east"}
-    return "move " + pairs.get(move.split()[-1], "")
 
 
 def _follow(env, fam, task, memory: list[str], route: list[str]) -> list[Example]:

@@ -131,13 +131,6 @@ def from_table(table: pa.Table | pa.RecordBatch, record_cls: type) -> list[Any]:
     return [record_cls(**{n: row[n] for n in names}) for row in table.to_pylist()]
 
 
-def table_name_of(record_cls: type) -> str:
-    for name, cls in RECORD_KINDS.items():
-        if cls is record_cls:
-            return name
-    raise KeyError(f"{record_cls.__name__} is not a replay record kind")
-
-
 __all__ = [
     "ReflectionSample",
     "TrialRecord",
@@ -147,5 +140,4 @@ __all__ = [
     "schema_of",
     "to_batch",
     "from_table",
-    "table_name_of",
 ]

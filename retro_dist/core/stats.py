@@ -9,6 +9,16 @@ import numpy as np
 Z95 = 1.959963984540054
 
 
+def first_success(trials) -> dict[int, int]:
+    """episode_id -> first trial it succeeded at, from trial records (objects with .episode_id,
+    .trial and .success)."""
+    first: dict[int, int] = {}
+    for t in trials:
+        if t.success:
+            first[t.episode_id] = min(first.get(t.episode_id, t.trial), t.trial)
+    return first
+
+
 def cumulative_success(first_success: Sequence[Optional[int]], trials: int) -> np.ndarray:
     """(K,) share of tasks solved at or before each trial; `first_success[i]` is None if never."""
     n = len(first_success)

@@ -75,17 +75,30 @@ class MixedEnv:
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg
         self._envs: dict[str, TextEnv] = {}
-        self._current: Optional[TextEnv] = None
+        self._current: Optional[str] = None  # family of the task being played
 
     def reset(self, task: Task) -> tuple[str, Observation]:
         fam = split_game(task.env_name)[0]
         if fam not in self._envs:
             self._envs[fam] = family(fam, self.cfg).make()
-        self._current = self._envs[fam]
-        return self._current.reset(task)
+        self._current = fam
+        return self._guarded(lambda env: env.reset(task))
 
     def step(self, action: str) -> Observation:
-        return self._current.step(action)
+        return self._guarded(lambda env: env.step(action))
+
+    def _guarded(self, call):
+        """A simulator that raised may be dead (a crashed JVM): drop it, so the next reset builds a new one."""
+        env = self._envs[self._current]
+        try:
+            return call(env)
+        except Exception:
+            self._envs.pop(self._current, None)
+            try:
+                env.close()
+            except Exception:  # already dead; closing is best effort
+                pass
+            raise
 
     def close(self) -> None:
         for env in self._envs.values():

@@ -101,7 +101,7 @@ class TwxFamily:
                     obs = env.step(a)
                 if "take coin" in (obs.valid_actions or []):
                     return prefix[len(start):] + ["take coin"]
-                back = _opposite(prefix[-1]) if prefix else None
+                back = reverse_move(prefix[-1]) if prefix else None
                 nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
             frontier = nxt
         return None
@@ -110,5 +110,6 @@ class TwxFamily:
 _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 
-def _opposite(move: str) -> str:
+def reverse_move(move: str) -> str:
+    """`move north` -> `move south`: the step that undoes a move (searches skip it)."""
     return "move " + _OPPOSITE.get(move.split()[-1], "")

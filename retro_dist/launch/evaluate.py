@@ -30,6 +30,9 @@ def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, 
              output: str, arms: Sequence[str] = ARMS, address: Optional[str] = None) -> dict:
     from retro_dist.launch.train import with_absolute_model_paths
 
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)} (arms: {', '.join(ARMS)})")
     if "trained" in arms and not checkpoint:
         raise ValueError("the trained arm needs --checkpoint (a peft adapter folder)")
     preflight(cfg)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,12 +20,14 @@ class MetricsLogger:
             print("retro-dist: tensorboard not installed; writing metrics.jsonl only", file=sys.stderr)
 
     def log(self, iteration: int, metrics: dict) -> None:
-        row = {"iteration": iteration, **metrics}
+        # NaN (e.g. no reflections this iteration) is not JSON: write null
+        row = {"iteration": iteration, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                          for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
                     self._tb.add_scalar(k, v, iteration)
             self._tb.flush()
         print(self.status_line(iteration, metrics), flush=True)

@@ -36,6 +36,22 @@ def check_model(key: str, name: str) -> None:
                              f"{str(err).splitlines()[0]}") from None
 
 
+def check_envs(cfg: Config) -> None:
+    """Data present, packages installed, every game known: list the training fold's tasks once."""
+    from retro_dist.envs.registry import TaskMix
+
+    if cfg.env.data_path and not Path(cfg.env.data_path).exists():
+        raise PreflightError(f"env.data_path not found: {cfg.env.data_path}")
+    for fam, module in (("textworld", "textworld"), ("alfworld", "alfworld"), ("twx", "textworld_express")):
+        if any(g.startswith(fam + "/") for g in cfg.env.games) and importlib.util.find_spec(module) is None:
+            raise PreflightError(f"env.games uses {fam} but `{module}` is not installed: pip install retro-dist[envs]")
+    try:
+        TaskMix(cfg.env, cfg.env.split)
+    except Exception as err:  # unknown game names surface here, as whatever the simulator raises
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise PreflightError(f"env.games {cfg.env.games}: {type(err).__name__}: {first}") from None
+
+
 def preflight(cfg: Config) -> None:
     if cfg.actor.backend != "openai":
         check_model("actor.model", cfg.actor.model)
@@ -43,7 +59,8 @@ def preflight(cfg: Config) -> None:
     if "vllm" in (cfg.actor.backend, cfg.reflector.backend) and importlib.util.find_spec("vllm") is None:
         raise PreflightError("vLLM is not installed: `pip install retro-dist[cpu]` (or [gpu]), "
                              "or set actor.backend and reflector.backend to hf")
-    if any(g.startswith(("twx/", "alfworld/")) for g in cfg.env.games) and shutil.which("java") is None:
+    check_envs(cfg)
+    if any(g.startswith("twx/") for g in cfg.env.games) and shutil.which("java") is None:
         raise PreflightError("twx games (TextWorldExpress) need Java on PATH (e.g. apt install openjdk-17-jre)")
     if cfg.actor.backend == "openai":
         from retro_dist.agents.backends import BackendError, check_endpoint

@@ -17,16 +17,25 @@ import yaml
 from retro_dist.config import Config, ConfigError, as_dict
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
-from retro_dist.launch.weights import LocalWeightSource, RayWeightSource, WeightBoard
+from retro_dist.launch.weights import RayWeightSource, WeightBoard
+from retro_dist.rollout.weight_source import LocalWeightSource
 
 
 def with_absolute_model_paths(cfg: Config) -> Config:
-    """Local checkpoint folders as absolute paths: Ray workers need not share the driver's cwd."""
+    """Local folders (models, data, game cache) as absolute paths: Ray workers need not share the driver's cwd."""
     def fix(name: str) -> str:
         return str(Path(name).resolve()) if Path(name).is_dir() else name
 
-    return dataclasses.replace(cfg, actor=dataclasses.replace(cfg.actor, model=fix(cfg.actor.model)),
+    env = dataclasses.replace(cfg.env, textworld_cache=str(Path(cfg.env.textworld_cache).resolve()),
+                              data_path=str(Path(cfg.env.data_path).resolve()) if cfg.env.data_path else None)
+    return dataclasses.replace(cfg, env=env, actor=dataclasses.replace(cfg.actor, model=fix(cfg.actor.model)),
                                reflector=dataclasses.replace(cfg.reflector, model=fix(cfg.reflector.model)))
+
+
+# Keys that fix episode keys or the adapter's shape: a resumed run must keep them.
+RESUME_KEYS = (("rollout", "num_workers"), ("rollout", "tasks_per_iteration"), ("rollout", "repeats_per_task"),
+               ("reflector", "model"), ("reflector", "lora_rank"), ("reflector", "lora_alpha"),
+               ("reflector", "lora_target_modules"), ("env", "games"), ("env", "split"))
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -34,6 +43,13 @@ def prepare_run_dir(cfg: Config) -> Path:
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.resume:
         raise ConfigError(f"run folder {run_dir} already exists; set run.resume=true to continue it "
                           f"or pick another run.name")
+    saved = run_dir / "config.yaml"
+    if cfg.run.resume and saved.is_file():
+        old, new = yaml.safe_load(saved.read_text()), as_dict(cfg)
+        for section, key in RESUME_KEYS:
+            if old.get(section, {}).get(key) != new[section][key]:
+                raise ConfigError(f"run.resume: {section}.{key} was {old.get(section, {}).get(key)!r} in {saved}, "
+                                  f"now {new[section][key]!r}; a resumed run must keep it")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
     return run_dir
@@ -61,6 +77,7 @@ def summarize_rollouts(results: list[dict], trials: int) -> dict:
         "rollout/reflection_reward": (sum(r["reward_sum"] for r in results) / n_refl) if n_refl else float("nan"),
         "rollout/policy_versions": sorted({r["policy_version"] for r in results}),
         "time/sync_seconds": float(sum(r["sync_seconds"] for r in results)),
+        "sync/probe_gap_max": max((s["sync/probe_gap"] for r in results for s in r["syncs"]), default=0.0),
     })
     return out
 
@@ -80,6 +97,11 @@ class _Cluster:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env_vars})
         else:
+            import torch
+
+            if (r.worker_num_gpus > 0 or cfg.learner.num_gpus > 0) and not torch.cuda.is_available():
+                raise ConfigError("rollout.worker_num_gpus / learner.num_gpus > 0 but this machine has no GPU: "
+                                  "the actors would wait forever; set them to 0 or join a GPU cluster")
             need = r.num_workers * r.worker_num_cpus + 1
             ray.init(num_cpus=cfg.ray.num_cpus or int(np.ceil(need)), _node_ip_address="127.0.0.1",
                      include_dashboard=False, runtime_env={"env_vars": env_vars})
@@ -89,8 +111,8 @@ class _Cluster:
             cfg.run.seed)
         worker_cls = ray.remote(RolloutWorker).options(num_cpus=r.worker_num_cpus, num_gpus=r.worker_num_gpus,
                                                       max_restarts=0)
-        self.workers = [worker_cls.remote(spec, RayWeightSource(self.board))
-                        for spec in worker_specs(cfg, run_dir, r.num_workers)]
+        n = max(1, r.num_workers)  # joining a cluster with num_workers 0: one worker actor
+        self.workers = [worker_cls.remote(spec, RayWeightSource(self.board)) for spec in worker_specs(cfg, run_dir, n)]
 
     def restore(self) -> Optional[int]:
         return self.ray.get(self.learner.restore.remote())

@@ -34,17 +34,3 @@ class RayWeightSource:
     def __call__(self, have_version: int) -> Optional[Adapter]:
         boxed = ray.get(self.board.latest.remote(have_version))
         return None if boxed is None else ray.get(boxed[0])
-
-
-class LocalWeightSource:
-    """In-process stand-in for the board (rollout.num_workers: 0, unit tests)."""
-
-    def __init__(self):
-        self.adapter: Optional[Adapter] = None
-
-    def publish(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-
-    def __call__(self, have_version: int) -> Optional[Adapter]:
-        a = self.adapter
-        return a if a is not None and a.version > have_version else None

@@ -8,6 +8,8 @@ with a probe (token ids + the learner's log-probs) that workers must reproduce a
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,9 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from retro_dist.agents.backends import Adapter, load_tokenizer
+from retro_dist.agents.backends import Adapter, check_lora_config, load_tokenizer
 from retro_dist.config import LearnerConfig, ReflectorConfig
 from retro_dist.core import baselines, losses
+from retro_dist.core.sampling import importance_weights
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.store import ReplayStore
 
@@ -83,23 +86,34 @@ class Learner:
         return lp[len(self.probe_prompt) - 1:].tolist()
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / "checkpoints" / f"{self.version:06d}"
-        self.model.save_pretrained(path)
+        """peft adapter + learner state, written to a temp folder and renamed: a crash mid-save
+        leaves no half checkpoint for `restore` to pick."""
+        final = self.run_dir / "checkpoints" / f"{self.version:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "baseline": self.baseline.state_dict(),
-                    "version": self.version, "steps": self.steps}, path / "learner_state.pt")
-        return path
+                    "version": self.version, "steps": self.steps}, tmp / "learner_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
 
     def restore(self) -> Optional[int]:
-        """Load the newest checkpoint of this run, if any; returns its version."""
+        """Load the newest complete checkpoint of this run, if any; returns its version."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        ckpts = sorted((self.run_dir / "checkpoints").glob("[0-9]*"))
+        ckpts = sorted(p for p in (self.run_dir / "checkpoints").glob("[0-9]*")
+                       if p.suffix != ".tmp" and (p / "learner_state.pt").is_file())
         if not ckpts:
             return None
         path = ckpts[-1]
-        set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
-        state = torch.load(path / "learner_state.pt", weights_only=False)
+        check_lora_config(json.loads((path / "adapter_config.json").read_text()), self.model, str(path))
+        result = set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+        state = torch.load(path / "learner_state.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline.load_state_dict(state["baseline"])
         self.version, self.steps = state["version"], state["steps"]
@@ -119,7 +133,8 @@ class Learner:
             stats = self._replay_steps()
         self.version += 1
         ckpt = self.save_checkpoint()
-        out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
+        out = {k: float((np.max if k.endswith("_max") else np.mean)([s[k] for s in stats]))
+               for k in stats[0]} if stats else {}
         out.update({"learner/updates": len(stats), "learner/version": self.version, "learner/sft": int(sft),
                     "learner/steps": self.steps, "learner/checkpoint": str(ckpt),
                     "time/learn_seconds": time.time() - t0})
@@ -133,7 +148,10 @@ class Learner:
                                       step=self.steps, current_version=self.version)
             if batch is None or batch.table.num_rows == 0:
                 break
-            stats.append(self.update(batch.table))
+            adv, base = self.advantages(batch.table)
+            if self.store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
+                adv = adv * importance_weights(batch.probs, self.store.num_rows("reflections"))
+            stats.append(self.update(batch.table, adv, base))
         return stats
 
     def _fresh_steps(self) -> list[dict]:

@@ -30,13 +30,13 @@ class ReplayConfig:
     # drop rows with policy_version < current_version - max_staleness when sampling; None keeps all
     max_staleness: Optional[int] = None
     # rate limiter: no sampling until the store holds this many rows
-    min_size_to_sample: int = 64
+    min_size_to_sample: int = 8
     # rate limiter: target sampled rows per inserted row (Reverb SampleToInsertRatio); None = no cap
     samples_per_insert: Optional[float] = None
     # rate limiter: how far (in sampled rows) sampling may run ahead of samples_per_insert
     error_buffer: float = 1024.0
     # when the rate limiter refuses a sample: wait for inserts ("block") or return None ("drop")
-    on_overflow: Literal["block", "drop"] = "block"
+    on_overflow: Literal["block", "drop"] = "drop"
     # longest a blocked sample() waits for new segments before raising RateLimitedError
     block_timeout_s: float = 60.0
     # keep at most this many rows per table, evicting whole oldest segments; None = unbounded

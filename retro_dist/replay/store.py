@@ -47,7 +47,7 @@ class ReplayStore:
         self._seen: set[str] = set()  # rel paths already loaded, quarantined or skipped
         self._stamps: dict[str, tuple[int, int]] = {}  # catalog path -> (mtime_ns, size)
         self._cache: dict[tuple, tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = {}
-        self._counts = {"quarantined": 0, "missing_segments": 0, "evicted_segments": 0,
+        self._counts = {"empty_after_filters": 0, "quarantined": 0, "missing_segments": 0, "evicted_segments": 0,
                         "evicted_rows": 0, "rate_limited": 0, "sample_batches": 0,
                         "sampled_rows": 0, "blocked_seconds": 0.0, "refresh_seconds": 0.0}
         self.refresh()
@@ -158,11 +158,12 @@ class ReplayStore:
                current_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
                envs: Optional[Sequence[str]] = None,
                priorities: Optional[np.ndarray] = None) -> Optional[SampledBatch]:
-        """Draw `batch_size` rows with replacement using cfg.sampler.
+        """Draw `batch_size` rows with replacement using cfg.sampler (None: nothing to draw).
 
         priorities: optional (num_rows(table),) scores aligned with read(table) order; they
         replace the column-derived ones (priority_key) for "prioritised", and are the quality
-        for "curriculum". Returns None when the rate limiter refuses and on_overflow="drop".
+        for "curriculum". Returns None when the rate limiter refuses and on_overflow="drop", or
+        when no row passes the filters.
         """
         if batch_size <= 0:
             raise ValueError("sample: batch_size must be > 0")
@@ -172,7 +173,11 @@ class ReplayStore:
         min_version = None
         if current_version is not None and self.cfg.max_staleness is not None:
             min_version = current_version - self.cfg.max_staleness
-        pool, probs, cdf = self._distribution(view, min_version, tasks, envs, step, priorities)
+        dist = self._distribution(view, min_version, tasks, envs, step, priorities)
+        if dist is None:  # e.g. every row older than max_staleness: nothing to learn from yet
+            self._counts["empty_after_filters"] += 1
+            return None
+        pool, probs, cdf = dist
         draws = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
         draws = np.minimum(draws, cdf.size - 1)
         indices = draws if pool is None else pool[draws]
@@ -220,7 +225,7 @@ class ReplayStore:
         pool = None if mask is None else np.flatnonzero(mask)
         m = view.num_rows if pool is None else pool.size
         if m == 0:
-            raise ValueError(f"replay: no rows of {view.name!r} match the sampling filters")
+            return None
         if priorities is not None:
             priorities = np.asarray(priorities, dtype=np.float64)
             if priorities.shape != (view.num_rows,):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from retro_dist.agents import prompts
-from retro_dist.agents.backends import Generation
+from retro_dist.agents.backends import BackendError, Generation
 from retro_dist.agents.policies import ActorPolicy, ReflectorPolicy
 from retro_dist.core.records import ReflectionSample, TrialRecord, make_key
 from retro_dist.envs.base import Observation, Task, TextEnv
@@ -77,7 +77,12 @@ def _run_trial(live: list[_Episode], actor: ActorPolicy, step_limit: int, seed: 
                                       ep.steps, actor.fits) for ep in acting]
         # only a complete list can be scored; elsewhere (e.g. HotPotQA's finish[answer]) the actor generates
         valid = [ep.last.valid_actions if ep.last.actions_complete else None for ep in acting]
-        actions = actor.act(texts, seed=seed + t, valid_actions=valid)
+        try:
+            actions = actor.act(texts, seed=seed + t, valid_actions=valid)
+        except BackendError as err:  # e.g. the actor endpoint timed out: these episodes error, others go on
+            for ep in acting:
+                ep.error = f"BackendError: {err}"
+            break
         for ep, action in zip(acting, actions):
             obs = _guard(ep, ep.env.step, action)
             if obs is not None:

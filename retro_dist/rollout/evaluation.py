@@ -15,6 +15,7 @@ from retro_dist.agents.backends import Adapter, Generation
 from retro_dist.agents.policies import build_policies
 from retro_dist.agents.pretrain import plan_reflection
 from retro_dist.config import Config
+from retro_dist.core.stats import first_success
 from retro_dist.envs.base import Task
 from retro_dist.envs.registry import MixedEnv, family, split_game
 from retro_dist.rollout.episode import EpisodeIds, run_episodes
@@ -84,9 +85,7 @@ class Evaluator:
             ids = EpisodeIds("eval", self.worker_id, list(range(lo, lo + len(chunk))), seed=self.cfg.run.seed + lo)
             out = run_episodes(chunk, self.envs[: len(chunk)], ids, self.actor, reflector, trials,
                                self.cfg.rollout.memory_size, self.cfg.env.step_limit)
-            for t in out.trials:
-                if t.success:
-                    first[t.episode_id] = min(first.get(t.episode_id, trials), t.trial)
+            first.update(first_success(out.trials))
         return [first.get(i) for i in range(len(tasks))]
 
     def close(self) -> None:

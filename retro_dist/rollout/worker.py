@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from retro_dist.agents.backends import Adapter
 from retro_dist.agents.policies import build_policies
 from retro_dist.config import ActorConfig, EnvConfig, ReflectorConfig, RolloutConfig, VLLMConfig
 from retro_dist.core.records import to_batch
+from retro_dist.core.stats import cumulative_success, first_success
 from retro_dist.envs.registry import MixedEnv, TaskMix
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.writer import ReplayWriter
 from retro_dist.rollout.episode import EpisodeIds, run_episodes
-
-# Given the version a worker holds, returns a newer Adapter or None.
-WeightSource = Callable[[int], Optional[Adapter]]
-
+from retro_dist.rollout.weight_source import WeightSource
 
 class WeightSyncError(RuntimeError):
     """The worker's reflector does not reproduce the learner's log-probs after loading new weights."""
@@ -59,7 +56,7 @@ class RolloutWorker:
         self.tasks = TaskMix(e, e.split)
         self.writer = ReplayWriter(spec.replay_root, f"worker-{spec.worker_id}", spec.replay)
         self.sync_seconds = 0.0
-        self.versions_used: set[int] = set()
+        self.consecutive_errors = 0
 
     def pull_weights(self) -> Optional[dict]:
         """Load a newer adapter if the learner has published one; returns sync metrics."""
@@ -83,7 +80,8 @@ class RolloutWorker:
         r, e = self.spec.rollout, self.spec.env
         t0, self.sync_seconds = time.time(), 0.0
         stats = {"trials": 0, "reflections": 0, "reward_sum": 0.0, "stored": 0, "errors": [], "syncs": []}
-        successes = np.zeros(r.trials)  # cumulative successes by trial
+        # (K,) episodes solved at or before each trial
+        successes = np.zeros(r.trials)
         base = (iteration * max(1, self.spec.num_workers) + self.spec.worker_id) * r.tasks_per_iteration
         for lo in range(0, r.tasks_per_iteration, r.parallel_tasks):
             sync = self.pull_weights()  # between episodes, never inside one
@@ -96,18 +94,29 @@ class RolloutWorker:
                              seed=self.spec.seed * 7919 + base + lo)
             out = run_episodes(tasks, self.envs[:n], ids, self.actor, self.reflector,
                                r.trials, r.memory_size, e.step_limit)
-            self.versions_used.add(self.reflector.version)
             stats["stored"] += self._write(out)
             stats["trials"] += len(out.trials)
             stats["reflections"] += len(out.reflections)
             stats["reward_sum"] += sum(s.reward for s in out.reflections)
             stats["errors"].extend(out.errors)
-            successes += _cumulative_success(out.trials, r.trials)
+            self._count_errors(out)
+            first = first_success(out.trials)
+            successes += n * cumulative_success([first.get(i) for i in ids.episode_ids], r.trials)
         self.writer.seal()  # the learner reads sealed segments only
         stats.update(episodes=r.tasks_per_iteration, success_by_trial=(successes / r.tasks_per_iteration).tolist(),
                      policy_version=self.reflector.version, worker_id=self.spec.worker_id,
                      rollout_seconds=time.time() - t0, sync_seconds=self.sync_seconds)
         return stats
+
+    def _count_errors(self, out) -> None:
+        """Episodes errored in a row; past the limit the worker stops instead of running empty."""
+        errored = {t.episode_id for t in out.trials if t.error is not None}
+        for episode_id in sorted({t.episode_id for t in out.trials}):
+            self.consecutive_errors = self.consecutive_errors + 1 if episode_id in errored else 0
+        limit = self.spec.rollout.max_consecutive_errors
+        if self.consecutive_errors >= limit:
+            raise RuntimeError(f"worker {self.spec.worker_id}: {self.consecutive_errors} episodes errored in a row "
+                               f"(rollout.max_consecutive_errors={limit}); last: {out.errors[-1]}")
 
     def _write(self, out) -> int:
         stored = 0
@@ -121,15 +130,6 @@ class RolloutWorker:
         self.writer.close()
         for env in self.envs:
             env.close()
-
-
-def _cumulative_success(trials, k: int) -> np.ndarray:
-    """(K,) number of episodes solved at or before each trial (Reflexion's cumulative success)."""
-    first = {}
-    for t in trials:
-        if t.success:
-            first[t.episode_id] = min(first.get(t.episode_id, k), t.trial)
-    out = np.zeros(k)
-    for trial in first.values():
-        out[trial:] += 1
-    return out
+        for backend in {id(p.backend): p.backend for p in (self.actor, self.reflector)}.values():
+            if hasattr(backend, "close"):  # vLLM: remove the adapter folders
+                backend.close()

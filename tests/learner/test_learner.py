@@ -1,6 +1,7 @@
 """Learner: the gradient moves log-probs the way the advantages say; checkpoints load in peft;
 a worker that loads the published adapter reproduces the learner's probe log-probs."""
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -95,3 +96,28 @@ def test_published_adapter_reproduces_probe_on_a_worker_backend(learner, tiny_mo
     after = np.array(worker.score(probe["prompt_ids"], probe["completion_ids"]))
     assert np.abs(after - np.array(probe["logprobs"])).max() < 1e-4
     assert np.abs(before - np.array(probe["logprobs"])).max() > 1e-3  # the update did change the policy
+
+
+def test_leave_one_out_groups_are_same_task_and_trial(learner):
+    samples = _samples(learner.tokenizer)  # one task, trial 0, rewards 1, 0, 1, 0
+    samples[3].trial = 1  # a different x: its own group (alone -> running-mean fallback, 0 here)
+    adv, base = learner.advantages(pa.Table.from_batches([to_batch(samples)]))
+    assert base.tolist() == pytest.approx([0.5, 1.0, 0.5, 0.0])
+    assert adv.tolist() == pytest.approx([0.5, -1.0, 0.5, 0.0])
+
+
+def test_sft_warm_start_fits_only_positively_rewarded_reflections(tmp_path, tiny_model):
+    cfg = LearnerConfig(lr=1e-2, batch_size=4, micro_batch_size=4, updates_per_iteration=5, sft_iterations=1)
+    lrn = Learner(cfg, ReflectorConfig(backend="hf", model=tiny_model), str(tmp_path / "replay"),
+                  ReplayConfig(min_size_to_sample=1, on_overflow="drop"), str(tmp_path), seed=0)
+    samples = _samples(lrn.tokenizer)
+    w = ReplayWriter(str(tmp_path / "replay"), "worker-0", ReplayConfig())
+    w.append("reflections", to_batch(samples))
+    w.seal()
+    good, bad = samples[0], samples[1]  # rewards 1 and 0
+    before = (_seq_logprob(lrn, good), _seq_logprob(lrn, bad))
+    m = lrn.train_iteration()
+    assert m["learner/sft"] == 1 and m["learner/updates"] == 5
+    assert m["reward/mean"] == 1.0  # only positive rows were in the SFT batches
+    assert _seq_logprob(lrn, good) > before[0] + 0.5
+    assert lrn.train_iteration()["learner/sft"] == 0  # then policy gradients

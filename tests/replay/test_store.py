@@ -329,7 +329,7 @@ def test_rate_limited_drop_and_block(tmp_path):
     assert drop.sample(T, 2, rng=rng) is None
     assert drop.metrics()["replay/rate_limited"] == 1
     from retro_dist.replay.ratelimit import RateLimitedError
-    block = ReplayStore(root, ReplayConfig(min_size_to_sample=5, block_timeout_s=0.1))
+    block = ReplayStore(root, ReplayConfig(min_size_to_sample=5, on_overflow="block", block_timeout_s=0.1))
     with pytest.raises(RateLimitedError, match="min_size_to_sample=5"):
         block.sample(T, 2, rng=rng)
     with ReplayWriter(root, "w0", ReplayConfig()) as w:

@@ -11,7 +11,7 @@ RUN     ?= local-$(shell date +%Y%m%d-%H%M%S)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRA   := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: install models train test bench clean
+.PHONY: install models train test bench experiment clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,19 @@ train: $(MODEL)
 
 test: $(MODEL)
 	$(PY) -m pytest -m "not gpu" -q
+
+# The paper's experiment in miniature (README "Results"): pretrain the actor (cached), train the
+# reflector, evaluate four arms on 500 held-out test tasks.
+ACTOR   := models/tiny-actor/config.json
+EXP_RUN ?= retro-coin-$(shell date +%Y%m%d-%H%M%S)
+
+$(ACTOR): $(MODEL)
+	$(VENV)/bin/retro-dist pretrain-actor --config configs/retro-coin.yaml --output models/tiny-actor --tasks 1000 --minutes 10
+
+experiment: $(ACTOR)
+	$(VENV)/bin/retro-dist train --config configs/retro-coin.yaml --set run.name=$(EXP_RUN)
+	$(VENV)/bin/retro-dist eval --config configs/retro-coin.yaml --tasks 500 --trials 3 --split test \
+	  --checkpoint $$(ls -d runs/$(EXP_RUN)/checkpoints/[0-9]* | tail -1) --output runs/$(EXP_RUN)/eval-test
 
 bench: $(MODEL)
 	$(PY) -m benchmarks.replay --json runs/bench/replay.json

@@ -38,7 +38,8 @@ def _eval(args) -> None:
 
     cfg = load_config(args.config, args.set or [])
     report = run_eval(cfg, args.checkpoint, args.tasks, args.trials, args.split, args.output,
-                      arms=args.arms.split(","), address=args.address)
+                      arms=args.arms.split(","), address=args.address,
+                      reflection_temperature=args.reflection_temperature)
     print(markdown(report))
     print(f"written: {args.output}/eval.md, eval.json, eval.png")
 
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for eval.md, eval.json, eval.png")
     p.add_argument("--arms", default="none,initial,trained,oracle", help="comma-separated subset of the arms")
     p.add_argument("--address", default=None, help="Ray cluster to join")
+    p.add_argument("--reflection-temperature", type=float, default=None,
+                   help="decode reflections at this temperature in both reflector arms (0 = greedy)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_eval)
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")

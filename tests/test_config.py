@@ -1,6 +1,7 @@
 """Config: typed loading, one clear line for typos, types and conflicts; the reference covers every key."""
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,8 @@ def _write(tmp_path, text):
 
 
 def test_shipped_configs_validate():
-    for name in ("configs/local.yaml", "configs/test.yaml", "configs/cluster-gpu.yaml"):
-        cfg = load_config(name)
-        assert cfg.rollout.trials >= 1
+    for name in ("configs/local.yaml", "configs/test.yaml", "configs/cluster-gpu.yaml", "configs/retro-coin.yaml"):
+        load_config(name)  # raises on any unknown key, wrong type or conflict
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path):
@@ -64,3 +64,24 @@ def test_reference_documents_every_key():
         for f in dataclasses.fields(hints[section.name]):
             row = next(line for line in ref.splitlines() if line.startswith(f"| `{section.name}.{f.name}`"))
             assert not row.endswith("|  |"), f"{section.name}.{f.name} has no doc"
+
+
+def test_readme_config_reference_matches_the_code():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    assert config_reference() in section, "README's config table is stale: paste `retro-dist config-reference`"
+
+
+def test_leave_one_out_needs_fresh_batches_and_block_is_refused():
+    with pytest.raises(ConfigError, match="leave_one_out' needs learner.batch_source 'fresh'"):
+        load_config(None, ["learner.baseline=leave_one_out"])
+    with pytest.raises(ConfigError, match="on_overflow 'block' would wait forever"):
+        load_config(None, ["replay.on_overflow=block"])
+    with pytest.raises(ConfigError, match="learner.micro_batch_size must be >= 1"):
+        load_config(None, ["learner.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="rollout.memory_size must be >= 1"):
+        load_config(None, ["rollout.memory_size=0"])
+
+
+def test_empty_section_means_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "ray:\nrun:\n  iterations: 2\n")).ray.address is None

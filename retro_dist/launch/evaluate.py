@@ -27,7 +27,10 @@ def _arm_order(arms: Sequence[str]) -> list[str]:
 
 
 def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, split: str,
-             output: str, arms: Sequence[str] = ARMS, address: Optional[str] = None) -> dict:
+             output: str, arms: Sequence[str] = ARMS, address: Optional[str] = None,
+             reflection_temperature: Optional[float] = None) -> dict:
+    """`reflection_temperature` overrides the reflector's sampling temperature for both reflector
+    arms alike (training needs 1.0; evaluation may decode greedily with 0)."""
     from retro_dist.launch.train import with_absolute_model_paths
 
     unknown = [a for a in arms if a not in ARMS]
@@ -37,6 +40,8 @@ def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, 
         raise ValueError("the trained arm needs --checkpoint (a peft adapter folder)")
     preflight(cfg)
     cfg = with_absolute_model_paths(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, split=split)))
+    if reflection_temperature is not None:
+        cfg = dataclasses.replace(cfg, reflector=dataclasses.replace(cfg.reflector, temperature=reflection_temperature))
     adapter = load_adapter(checkpoint) if checkpoint else None
     tasks = TaskMix(cfg.env, split).take(0, n_tasks)
     arms = _arm_order(arms)
@@ -55,6 +60,7 @@ def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, 
             for j, f in enumerate(result[arm]):
                 first[arm][s + j * n_workers] = f
     report = _report(first, tasks, trials, split, checkpoint, time.time() - t0)
+    report["reflection_temperature"] = cfg.reflector.temperature
     _write(report, Path(output))
     return report
 

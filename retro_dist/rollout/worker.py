@@ -88,8 +88,7 @@ class RolloutWorker:
             if sync:
                 stats["syncs"].append(sync)
             n = min(r.parallel_tasks, r.tasks_per_iteration - lo)
-            g = r.repeats_per_task  # consecutive episodes share a task: G reflections per failed trial
-            tasks = [t for t in self.tasks.take((base + lo) // g, -(-n // g)) for _ in range(g)][:n]
+            tasks = repeated(self.tasks.take, base + lo, n, r.repeats_per_task)
             ids = EpisodeIds(self.spec.run_id, self.spec.worker_id, list(range(base + lo, base + lo + n)),
                              seed=self.spec.seed * 7919 + base + lo)
             out = run_episodes(tasks, self.envs[:n], ids, self.actor, self.reflector,
@@ -133,3 +132,9 @@ class RolloutWorker:
         for backend in {id(p.backend): p.backend for p in (self.actor, self.reflector)}.values():
             if hasattr(backend, "close"):  # vLLM: remove the adapter folders
                 backend.close()
+
+
+def repeated(take, start: int, count: int, repeats: int) -> list:
+    """Episodes start..start+count-1 when each task runs `repeats` times side by side: episode e
+    plays task e // repeats, so G reflections are written for the same failed trial (leave-one-out)."""
+    return [t for t in take(start // repeats, -(-count // repeats)) for _ in range(repeats)][:count]

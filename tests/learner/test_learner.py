@@ -47,7 +47,8 @@ def _seq_logprob(learner, s):
 
 def test_positive_advantage_raises_log_prob_negative_lowers(learner):
     samples = _samples(learner.tokenizer)
-    # on-policy behaviour log-probs, so the importance weights are exactly 1
+    # behaviour log-probs near the current ones; the truncation is off (1e9), so the weights
+    # only rescale each token's gradient and cannot flip its sign
     for s in samples:
         full = _seq_logprob(learner, s)
         s.behaviour_logprobs = [full / len(s.reflection_ids)] * len(s.reflection_ids)

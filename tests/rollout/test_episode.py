@@ -72,6 +72,7 @@ def test_real_hf_actor_and_reflector_records(envs, policies):
     assert {(t.episode_id, t.trial) for t in out.trials} >= {(0, 0), (1, 0)}
     for t in out.trials:
         assert len(t.observations) == len(t.actions) + 1 and t.error is None
+    assert out.reflections, "both first trials failed, so reflections must have been written"
     for r in out.reflections:
         assert len(r.reflection_ids) == len(r.behaviour_logprobs) > 0
         # behaviour log-probs are the reflector's own log-probs of what it sampled

@@ -53,12 +53,12 @@ def actor_prompt(env_name: str, instruction: str, memory: Sequence[str], first_o
 def reflection_prompt(env_name: str, instruction: str, memory: Sequence[str], first_obs: str,
                       steps: Sequence[Step], ret: float,
                       fits: Callable[[str], bool] = lambda s: True) -> str:
-    """x_k = (τ_k, G_k, earlier reflections): the reflector continues it with a plan."""
+    """x_k = (τ_k, G_k, earlier reflections): the failed trajectory, then the memory block with the
+    new entry open, so the reflector writes its plan where plans stand in the actor's prompt."""
     head = f"Game: {env_name}\nTask: {instruction}\n"
-    if memory:
-        head += "Earlier reflections:\n" + "".join(f"- {m}\n" for m in memory)
-    head += f"The trial below failed with return {ret:.2f}.\n"
-    tail = "Reflection: In the next trial I will"
+    tail = f"The trial above failed with return {ret:.2f}.\nYour memory for the task below:\n"
+    tail += "".join(f"Trial {i}: {m}\n" for i, m in enumerate(memory))
+    tail += f"Trial {len(memory)}: In the next trial I will"
     return _fit(head, _trajectory(first_obs, steps, keep_last_full=False), tail, fits)
 
 

@@ -15,6 +15,7 @@ The reflector never trains on these plans: it only starts from the same pretrain
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ def _follow(env, fam, task, memory: list[str], route: list[str]) -> list[Example
 def build_examples(cfg: EnvConfig, n_tasks: int, seed: int = 0, routes_per_task: int = 4) -> list[Example]:
     rng = random.Random(seed)
     examples: list[Example] = []
+    # walks (a route, then the oracle plan) may be longer than a run's step limit: never cut them
+    cfg = dataclasses.replace(cfg, step_limit=max(cfg.step_limit, 50))
     for spec in cfg.games:
         fam_name, game = split_game(spec)
         fam = family(fam_name, cfg)

@@ -54,15 +54,22 @@ def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, 
         ev.close()
     else:
         per_shard = _on_ray(cfg, shards, arms, trials, adapter, address)
-    first = {arm: [None] * len(tasks) for arm in arms}
-    for s, result in enumerate(per_shard):  # undo the round-robin sharding
-        for arm in arms:
-            for j, f in enumerate(result[arm]):
-                first[arm][s + j * n_workers] = f
+    first = unshard(per_shard, arms, len(tasks))
     report = _report(first, tasks, trials, split, checkpoint, time.time() - t0)
     report["reflection_temperature"] = cfg.reflector.temperature
     _write(report, Path(output))
     return report
+
+
+def unshard(per_shard: list[dict], arms: Sequence[str], n_tasks: int) -> dict:
+    """Undo the round-robin sharding: shard s holds tasks s, s + W, s + 2W, ..."""
+    n_workers = len(per_shard)
+    first = {arm: [None] * n_tasks for arm in arms}
+    for s, result in enumerate(per_shard):
+        for arm in arms:
+            for j, f in enumerate(result[arm]):
+                first[arm][s + j * n_workers] = f
+    return first
 
 
 def _on_ray(cfg: Config, shards, arms, trials, adapter, address):

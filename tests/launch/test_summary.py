@@ -20,3 +20,12 @@ def test_no_reflections_gives_nan_not_a_crash():
     m = summarize_rollouts([_worker(2, [1.0], 0, 0.0)], trials=1)
     assert m["rollout/reflection_reward"] != m["rollout/reflection_reward"]  # NaN
     assert m["rollout/errored_episodes"] == 1
+
+
+def test_eval_unshard_restores_task_order():
+    from retro_dist.launch.evaluate import unshard
+
+    tasks = list(range(7))
+    shards = [tasks[i::3] for i in range(3)]  # as run_eval shards them over 3 workers
+    per_shard = [{"none": [t * 10 for t in shard]} for shard in shards]
+    assert unshard(per_shard, ["none"], 7)["none"] == [t * 10 for t in tasks]

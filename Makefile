@@ -37,7 +37,7 @@ test: $(MODEL)
 	$(PY) -m pytest -m "not gpu" -q
 
 # The paper's experiment in miniature (README "Results"): pretrain the actor (cached), train the
-# reflector, evaluate four arms on 500 held-out test tasks.
+# reflector, pick its checkpoint on the dev fold, evaluate four arms on 500 held-out test tasks.
 ACTOR   := models/tiny-actor/config.json
 EXP_RUN ?= retro-coin-$(shell date +%Y%m%d-%H%M%S)
 
@@ -46,8 +46,10 @@ $(ACTOR): $(MODEL)
 
 experiment: $(ACTOR)
 	$(VENV)/bin/retro-dist train --config configs/retro-coin.yaml --set run.name=$(EXP_RUN)
+	$(VENV)/bin/retro-dist select-checkpoint --config configs/retro-coin.yaml --run-dir runs/$(EXP_RUN) \
+	  --every 10 --tasks 300 --split dev | tail -1 > runs/$(EXP_RUN)/best-checkpoint.txt
 	$(VENV)/bin/retro-dist eval --config configs/retro-coin.yaml --tasks 500 --trials 3 --split test \
-	  --checkpoint $$(ls -d runs/$(EXP_RUN)/checkpoints/[0-9]* | tail -1) --output runs/$(EXP_RUN)/eval-test
+	  --checkpoint $$(cat runs/$(EXP_RUN)/best-checkpoint.txt) --output runs/$(EXP_RUN)/eval-test
 
 bench: $(MODEL)
 	$(PY) -m benchmarks.replay --json runs/bench/replay.json

@@ -44,6 +44,15 @@ def _eval(args) -> None:
     print(f"written: {args.output}/eval.md, eval.json, eval.png")
 
 
+def _select(args) -> None:
+    from retro_dist.config import load_config
+    from retro_dist.launch.evaluate import select_checkpoint
+
+    cfg = load_config(args.config, args.set or [])
+    out = select_checkpoint(cfg, args.run_dir, args.every, args.tasks, args.trials, args.split, args.address)
+    print(out["best"])
+
+
 def _config_ref(args) -> None:
     from retro_dist.config import config_reference
 
@@ -84,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode reflections at this temperature in both reflector arms (0 = greedy)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("select-checkpoint", help="pick a run's best checkpoint on the dev split (prints its path)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir", required=True, help="run folder holding checkpoints/")
+    p.add_argument("--every", type=int, default=10, help="evaluate every N-th version (and the last)")
+    p.add_argument("--tasks", type=int, default=300)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--split", default="dev", choices=["train", "dev"])
+    p.add_argument("--address", default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_select)
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
     p.set_defaults(func=_config_ref)
     from retro_dist.replay.tools import add_subcommands

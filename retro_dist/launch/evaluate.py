@@ -152,3 +152,26 @@ def _write(report: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "eval.png", dpi=120)
     plt.close(fig)
+
+
+def select_checkpoint(cfg: Config, run_dir: str, every: int, n_tasks: int, trials: int, split: str = "dev",
+                      address: Optional[str] = None) -> dict:
+    """Evaluate the trained arm for every `every`-th checkpoint (and the last) on a held-out fold
+    other than test, and pick the best success at the last trial. Writes `select-<split>.json`."""
+    if split == "test":
+        raise ValueError("select checkpoints on dev (or train), never on the test split you report")
+    ckpts = sorted(p for p in (Path(run_dir) / "checkpoints").glob("[0-9]*") if p.suffix != ".tmp")
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoints under {run_dir}/checkpoints")
+    chosen = [p for p in ckpts if int(p.name) % every == 0]
+    chosen += [ckpts[-1]] if ckpts[-1] not in chosen else []
+    scores = {}
+    for p in chosen:
+        report = run_eval(cfg, str(p), n_tasks, trials, split, str(Path(run_dir) / f"select-{split}" / p.name),
+                          arms=["trained"], address=address)
+        scores[str(p)] = report["arms"]["trained"][-1]
+        print(f"  {p.name}: success at trial {trials} on {split} = {scores[str(p)]:.3f}", flush=True)
+    best = max(scores, key=lambda k: (scores[k], k))  # ties: the later checkpoint
+    out = {"split": split, "tasks": n_tasks, "trials": trials, "scores": scores, "best": best}
+    (Path(run_dir) / f"select-{split}.json").write_text(json.dumps(out, indent=1))
+    return out

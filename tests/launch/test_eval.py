@@ -34,3 +34,13 @@ def test_trained_arm_needs_a_checkpoint(tmp_path, in_repo, tiny_model):
     cfg = load_config("configs/test.yaml", ["rollout.num_workers=0"])
     with pytest.raises(ValueError, match="trained arm needs --checkpoint"):
         run_eval(cfg, None, 4, 2, "test", str(tmp_path), arms=["trained"])
+
+
+def test_checkpoint_selection_never_uses_the_test_split(tmp_path, in_repo):
+    from retro_dist.launch.evaluate import select_checkpoint
+
+    cfg = load_config("configs/test.yaml", ["rollout.num_workers=0"])
+    with pytest.raises(ValueError, match="never on the test split"):
+        select_checkpoint(cfg, str(tmp_path), every=10, n_tasks=4, trials=2, split="test")
+    with pytest.raises(FileNotFoundError, match="no checkpoints under"):
+        select_checkpoint(cfg, str(tmp_path), every=10, n_tasks=4, trials=2, split="dev")

@@ -36,6 +36,16 @@ class RunConfig:
     """Rollout → learn → broadcast iterations; the run stops cleanly after the last."""
     resume: bool = False
     """Continue an existing run folder (replay and checkpoints kept) instead of refusing it."""
+    mode: Literal["sync", "async"] = "sync"
+    """`sync`: roll out, then learn, then broadcast, per iteration; `async`: workers and learner loop independently (streaming actor–learner)."""
+    updates: int = 20
+    """Async mode: learner gradient steps the run lasts (sync mode counts `run.iterations` instead)."""
+    log_every_s: float = 10.0
+    """Async mode: seconds between aggregated metrics lines (the terminal status and metrics.jsonl)."""
+    wandb_project: Optional[str] = None
+    """Also log metrics to this Weights & Biases project (null: off; needs the `wandb` package)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """`offline` writes W&B files under runs/<run>/wandb without a network; `online` uploads."""
 
 
 @dataclass
@@ -140,6 +150,10 @@ class RolloutConfig:
     """A worker stops with an error after this many errored episodes in a row (a dead simulator or endpoint)."""
     repeats_per_task: int = 1
     """Episodes per task per iteration (G): with a greedy actor, G reflections of the same failed trial, for the leave-one-out baseline."""
+    concurrent_episodes: int = 16
+    """Async mode: episodes a worker runs at once as independent tasks against one engine (continuous batching)."""
+    simulators: int = 4
+    """Async mode: environment simulators a worker keeps (a bounded pool; episodes borrow one per step)."""
 
 
 @dataclass
@@ -174,6 +188,10 @@ class LearnerConfig:
     """Warm start (the paper's SFT stage): the first n iterations maximise the likelihood of positively rewarded reflections in the store."""
     probe_tolerance: float = 2e-2
     """Largest |log-prob| gap between learner and worker on the probe reflection after a sync."""
+    max_policy_lag: int = 2
+    """Async mode: rows more than this many versions behind the learner are never trained on (counted), and workers this far behind pause."""
+    updates_per_version: int = 1
+    """Async mode: gradient steps between published (and checkpointed) policy versions."""
 
 
 @dataclass
@@ -272,8 +290,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
     cfg = _build(Config, data, "")
-    validate(cfg)
+    validate(cfg, given=_given_keys(data))
     return cfg
+
+
+def _given_keys(data: dict, prefix: str = "") -> set[str]:
+    """Dotted keys the user set (YAML or --set), so mode-specific keys can be checked by presence."""
+    keys = set()
+    for k, v in (data or {}).items():
+        keys.add(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys |= _given_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+# Keys that mean something in one run.mode only; setting one in the other mode is a mistake.
+SYNC_ONLY = ("run.iterations", "rollout.tasks_per_iteration", "rollout.parallel_tasks",
+             "learner.updates_per_iteration", "learner.sft_iterations", "replay.max_staleness")
+ASYNC_ONLY = ("run.updates", "run.log_every_s", "rollout.concurrent_episodes", "rollout.simulators",
+              "learner.max_policy_lag", "learner.updates_per_version")
 
 
 def _at_least(value, low, key: str) -> None:
@@ -281,8 +316,9 @@ def _at_least(value, low, key: str) -> None:
         raise ConfigError(f"{key} must be >= {low}, got {value}")
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks; each conflict names the keys involved."""
+def validate(cfg: Config, given: set[str] = frozenset()) -> None:
+    """Cross-field checks; each conflict names the keys involved. `given`: the keys the user set."""
+    _validate_mode(cfg, given)
     r, a, lrn = cfg.rollout, cfg.actor, cfg.learner
     for key, value, low in (("run.iterations", cfg.run.iterations, 1), ("rollout.trials", r.trials, 1),
                             ("rollout.tasks_per_iteration", r.tasks_per_iteration, 1),
@@ -316,7 +352,7 @@ def validate(cfg: Config) -> None:
     if cfg.reflector.temperature != 1.0:
         raise ConfigError("reflector.temperature must be 1.0: behaviour log-probs are stored untempered, so "
                           "importance ratios would compare different distributions")
-    if cfg.replay.on_overflow == "block":
+    if cfg.replay.on_overflow == "block" and cfg.run.mode == "sync":
         raise ConfigError("replay.on_overflow 'block' would wait forever: the train loop rolls out, then learns, "
                           "so no rows arrive while the learner waits; use 'drop'")
     if not cfg.env.games:
@@ -327,6 +363,36 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"env.games: '{g}' must be <family>/<game> with family twx, textworld, hotpotqa or alfworld")
         if fam in ("hotpotqa", "alfworld") and not cfg.env.data_path:
             raise ConfigError(f"env.data_path is required for '{g}' (point it at your {fam} data)")
+
+
+def _validate_mode(cfg: Config, given: set[str]) -> None:
+    """Mode-specific keys, and the async runtime's own limits."""
+    mode = cfg.run.mode
+    wrong = [k for k in (ASYNC_ONLY if mode == "sync" else SYNC_ONLY) if k in given]
+    if wrong:
+        other = "async" if mode == "sync" else "sync"
+        raise ConfigError(f"{wrong[0]} applies to run.mode '{other}' only, but run.mode is '{mode}'")
+    if mode == "sync":
+        return
+    r, lrn, rp = cfg.rollout, cfg.learner, cfg.replay
+    for key, value, low in (("run.updates", cfg.run.updates, 1), ("learner.max_policy_lag", lrn.max_policy_lag, 0),
+                            ("learner.updates_per_version", lrn.updates_per_version, 1),
+                            ("rollout.concurrent_episodes", r.concurrent_episodes, 1),
+                            ("rollout.simulators", r.simulators, 1)):
+        _at_least(value, low, key)
+    if cfg.run.log_every_s <= 0:
+        raise ConfigError(f"run.log_every_s must be > 0, got {cfg.run.log_every_s}")
+    if lrn.batch_source != "replay":
+        raise ConfigError("learner.batch_source must be 'replay' in run.mode 'async': the learner samples the "
+                          "stream (staleness-filtered, IS-corrected) instead of waiting for a whole version's rows")
+    if r.concurrent_episodes % r.repeats_per_task:
+        raise ConfigError("rollout.concurrent_episodes must be a multiple of rollout.repeats_per_task "
+                          "(a task's repeats run side by side)")
+    if rp.retention_rows is not None and rp.min_size_to_sample > rp.retention_rows:
+        raise ConfigError(f"replay.min_size_to_sample ({rp.min_size_to_sample}) > replay.retention_rows "
+                          f"({rp.retention_rows}): the async learner could never be fed")
+    if rp.min_size_to_sample < 1:
+        raise ConfigError("replay.min_size_to_sample must be >= 1 in run.mode 'async'")
 
 
 def as_dict(cfg: Any) -> dict:

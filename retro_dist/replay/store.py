@@ -145,20 +145,36 @@ class ReplayStore:
         """Distinct-key rows held for `table` (0 if none yet)."""
         return self._views[table].num_rows if table in self._views else 0
 
-    def read(self, table: str, *, min_policy_version: Optional[int] = None,
-             tasks: Optional[Sequence[str]] = None,
-             envs: Optional[Sequence[str]] = None) -> pa.Table:
-        """All held rows of `table` passing the filters, one row per key, oldest segment first."""
+    def rows_below_version(self, table: str, version: int) -> int:
+        """Rows held in `table` with policy_version < `version` (0 for a table without one).
+
+        Whole segments are counted from the catalog's min/max version; only segments that
+        straddle `version` look at the column.
+        """
         view = self._view(table)
-        mask = view.mask(min_policy_version, tasks, envs)
+        return view.rows_below(version)
+
+    def read(self, table: str, *, min_policy_version: Optional[int] = None,
+             tasks: Optional[Sequence[str]] = None, envs: Optional[Sequence[str]] = None,
+             max_policy_version: Optional[int] = None) -> pa.Table:
+        """All held rows of `table` passing the filters, one row per key, oldest segment first.
+
+        min/max_policy_version bound the rows' policy_version (inclusive on both ends).
+        """
+        view = self._view(table)
+        mask = view.mask(min_policy_version, tasks, envs, max_policy_version)
         data = view.concat()
         return data if mask is None else data.filter(pa.array(mask))
 
     def sample(self, table: str, batch_size: int, *, rng: np.random.Generator, step: int = 0,
                current_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
                envs: Optional[Sequence[str]] = None,
-               priorities: Optional[np.ndarray] = None) -> Optional[SampledBatch]:
+               priorities: Optional[np.ndarray] = None,
+               max_staleness: Optional[int] = None) -> Optional[SampledBatch]:
         """Draw `batch_size` rows with replacement using cfg.sampler (None: nothing to draw).
+
+        With `current_version`, rows with policy_version < current_version − staleness are
+        left out, where staleness is `max_staleness` when given, else cfg.max_staleness.
 
         priorities: optional (num_rows(table),) scores aligned with read(table) order; they
         replace the column-derived ones (priority_key) for "prioritised", and are the quality
@@ -171,8 +187,11 @@ class ReplayStore:
             return None
         view = self._view(table)
         min_version = None
-        if current_version is not None and self.cfg.max_staleness is not None:
-            min_version = current_version - self.cfg.max_staleness
+        staleness = self.cfg.max_staleness if max_staleness is None else max_staleness
+        if staleness is not None and staleness < 0:
+            raise ValueError(f"sample: max_staleness must be >= 0, got {staleness}")
+        if current_version is not None and staleness is not None:
+            min_version = current_version - staleness
         dist = self._distribution(view, min_version, tasks, envs, step, priorities)
         if dist is None:  # e.g. every row older than max_staleness: nothing to learn from yet
             self._counts["empty_after_filters"] += 1

@@ -112,14 +112,28 @@ class TableView:
             self._columns[name] = self.column(name).to_numpy()
         return self._columns[name]
 
+    def rows_below(self, version: int) -> int:
+        """Rows with policy_version < version: whole segments from their catalog range."""
+        total, start = 0, 0
+        for entry, kept in zip(self.entries, self.kept):
+            if entry.max_version is not None and entry.max_version < version:
+                total += kept
+            elif entry.min_version is not None and entry.min_version < version:
+                total += int((self.numpy("policy_version")[start:start + kept] < version).sum())
+            start += kept
+        return total
+
     def mask(self, min_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
-             envs: Optional[Sequence[str]] = None) -> Optional[np.ndarray]:
+             envs: Optional[Sequence[str]] = None,
+             max_version: Optional[int] = None) -> Optional[np.ndarray]:
         """(N,) bool of rows passing the filters, or None when there are no filters."""
-        if min_version is None and tasks is None and envs is None:
+        if min_version is None and tasks is None and envs is None and max_version is None:
             return None
         keep = np.ones(self.num_rows, dtype=bool)
         if min_version is not None:
             keep &= self.numpy("policy_version") >= min_version
+        if max_version is not None:
+            keep &= self.numpy("policy_version") <= max_version
         for col, allowed in (("task_id", tasks), ("env_name", envs)):
             if allowed is not None:
                 hit = pc.is_in(self.column(col), value_set=pa.array(list(allowed), pa.string()))

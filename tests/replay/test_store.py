@@ -340,3 +340,24 @@ def test_rate_limited_drop_and_block(tmp_path):
     # 5 inserts * 2 = 10 "credit", min_diff = 2*1 - 4 = -2: 12 rows may be sampled, not 13
     assert ratio.sample(T, 12, rng=rng) is not None
     assert ratio.sample(T, 1, rng=rng) is None
+
+
+def test_rows_below_version_and_explicit_staleness(tmp_path):
+    root = str(tmp_path)
+    with ReplayWriter(root, "w0", ReplayConfig(seal_rows=10)) as w:
+        w.append(T, to_batch([sample(i, version=i // 10) for i in range(40)]))  # v0..v3, 10 each
+        w.append(T, to_batch([sample(i, version=i % 4) for i in range(40, 50)]))  # mixed segment
+    store = ReplayStore(root, ReplayConfig(max_staleness=0, min_size_to_sample=1))
+    assert store.rows_below_version(T, 0) == 0
+    assert store.rows_below_version(T, 2) == 20 + 6  # two whole segments + v0/v1 of the mixed one
+    assert store.rows_below_version(T, 10) == 50
+    assert store.rows_below_version("trials", 3) == 0
+    rng = np.random.default_rng(0)
+    assert set(store.sample(T, 200, rng=rng, current_version=3)
+               .table["policy_version"].to_pylist()) == {3}  # cfg.max_staleness=0
+    got = store.sample(T, 400, rng=rng, current_version=3, max_staleness=1)
+    assert set(got.table["policy_version"].to_pylist()) == {2, 3}
+    assert store.sample(T, 10, rng=rng, current_version=9, max_staleness=1) is None
+    ranged = store.read(T, min_policy_version=1, max_policy_version=2)
+    assert sorted(set(ranged["policy_version"].to_pylist())) == [1, 2]
+    assert ranged.num_rows == 20 + 5

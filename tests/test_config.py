@@ -85,3 +85,32 @@ def test_leave_one_out_needs_fresh_batches_and_block_is_refused():
 
 def test_empty_section_means_defaults(tmp_path):
     assert load_config(_write(tmp_path, "ray:\nrun:\n  iterations: 2\n")).ray.address is None
+
+
+def test_mode_specific_keys_in_the_wrong_mode(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.updates applies to run\.mode 'async' only, but run\.mode is 'sync'"):
+        load_config(None, ["run.updates=5"])
+    with pytest.raises(ConfigError, match=r"rollout\.concurrent_episodes applies to run\.mode 'async' only"):
+        load_config(_write(tmp_path, "rollout:\n  concurrent_episodes: 8\n"))
+    with pytest.raises(ConfigError, match=r"run\.iterations applies to run\.mode 'sync' only, but run\.mode is 'async'"):
+        load_config(None, ["run.mode=async", "run.iterations=3"])
+    with pytest.raises(ConfigError, match=r"learner\.updates_per_iteration applies to run\.mode 'sync' only"):
+        load_config(None, ["run.mode=async", "learner.updates_per_iteration=2"])
+    # the same keys in the right mode are fine
+    cfg = load_config(None, ["run.mode=async", "run.updates=5", "rollout.concurrent_episodes=8"])
+    assert (cfg.run.updates, cfg.rollout.concurrent_episodes) == (5, 8)
+
+
+def test_async_limits_name_the_key():
+    with pytest.raises(ConfigError, match=r"learner\.max_policy_lag must be >= 0, got -1"):
+        load_config(None, ["run.mode=async", "learner.max_policy_lag=-1"])
+    with pytest.raises(ConfigError, match=r"rollout\.concurrent_episodes must be >= 1, got 0"):
+        load_config(None, ["run.mode=async", "rollout.concurrent_episodes=0"])
+    with pytest.raises(ConfigError, match=r"replay\.min_size_to_sample \(64\) > replay\.retention_rows \(10\)"):
+        load_config(None, ["run.mode=async", "replay.min_size_to_sample=64", "replay.retention_rows=10"])
+    with pytest.raises(ConfigError, match=r"learner\.batch_source must be 'replay' in run\.mode 'async'"):
+        load_config(None, ["run.mode=async", "learner.batch_source=fresh"])
+    # block is refused for the synchronous loop only: the async learner can wait for inserts
+    load_config(None, ["run.mode=async", "replay.on_overflow=block"])
+    with pytest.raises(ConfigError, match=r"replay\.on_overflow 'block'"):
+        load_config(None, ["replay.on_overflow=block"])

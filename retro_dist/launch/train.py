@@ -1,8 +1,9 @@
-"""`retro-dist train`: wire workers, learner and weight board on Ray and run the loop.
+"""`retro-dist train`: run the job in `run.mode` sync or async on the system launch/system.py built.
 
-The only module (with launch/weights.py) that imports Ray. The loop reads like DESIGN §1:
-roll out multi-trial episodes with the current reflector → learn from the stored reflections →
-publish the new adapter once → workers pull it before their next episodes.
+Sync mode reads like the method (README, "What a run does"): roll out multi-trial episodes with the
+current reflector → learn from the stored reflections → publish the new adapter once → workers pull
+it before their next episodes. Async mode runs the same parts as independent loops (workers stream
+episodes, the learner samples and publishes); the driver only starts, watches and stops them.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import yaml
 from retro_dist.config import Config, ConfigError, as_dict
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
-from retro_dist.launch.weights import RayWeightSource, WeightBoard
-from retro_dist.rollout.weight_source import LocalWeightSource
+from retro_dist.launch.system import LocalSystem, RaySystem, start_groups
 
 
 def with_absolute_model_paths(cfg: Config) -> Config:
@@ -55,16 +55,6 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def worker_specs(cfg: Config, run_dir: Path, count: int):
-    from retro_dist.rollout.worker import WorkerSpec
-
-    return [WorkerSpec(run_id=cfg.run.name, worker_id=i, num_workers=count,
-                       replay_root=str((run_dir / "replay").resolve()), env=cfg.env, rollout=cfg.rollout,
-                       actor=cfg.actor, reflector=cfg.reflector, vllm=cfg.vllm, replay=cfg.replay,
-                       probe_tolerance=cfg.learner.probe_tolerance, seed=cfg.run.seed)
-            for i in range(count)]
-
-
 def summarize_rollouts(results: list[dict], trials: int) -> dict:
     episodes = sum(r["episodes"] for r in results)
     succ = np.sum([np.asarray(r["success_by_trial"]) * r["episodes"] for r in results], axis=0) / episodes
@@ -82,116 +72,96 @@ def summarize_rollouts(results: list[dict], trials: int) -> dict:
     return out
 
 
-class _Cluster:
-    """Ray side of the run: a learner actor, N worker actors and the weight board."""
-
-    def __init__(self, cfg: Config, run_dir: Path, address: Optional[str]):
-        import ray
-
-        from retro_dist.learner.learner import Learner
-        from retro_dist.rollout.worker import RolloutWorker
-
-        self.ray = ray
-        env_vars = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
-        r = cfg.rollout
-        if address:
-            ray.init(address=address, runtime_env={"env_vars": env_vars})
-        else:
-            import torch
-
-            if (r.worker_num_gpus > 0 or cfg.learner.num_gpus > 0) and not torch.cuda.is_available():
-                raise ConfigError("rollout.worker_num_gpus / learner.num_gpus > 0 but this machine has no GPU: "
-                                  "the actors would wait forever; set them to 0 or join a GPU cluster")
-            need = r.num_workers * r.worker_num_cpus + 1
-            ray.init(num_cpus=cfg.ray.num_cpus or int(np.ceil(need)), _node_ip_address="127.0.0.1",
-                     include_dashboard=False, runtime_env={"env_vars": env_vars})
-        self.board = ray.remote(WeightBoard).options(num_cpus=0).remote()
-        self.learner = ray.remote(Learner).options(num_cpus=1, num_gpus=cfg.learner.num_gpus).remote(
-            cfg.learner, cfg.reflector, str((run_dir / "replay").resolve()), cfg.replay, str(run_dir.resolve()),
-            cfg.run.seed)
-        worker_cls = ray.remote(RolloutWorker).options(num_cpus=r.worker_num_cpus, num_gpus=r.worker_num_gpus,
-                                                      max_restarts=0)
-        n = max(1, r.num_workers)  # joining a cluster with num_workers 0: one worker actor
-        self.workers = [worker_cls.remote(spec, RayWeightSource(self.board)) for spec in worker_specs(cfg, run_dir, n)]
-
-    def restore(self) -> Optional[int]:
-        return self.ray.get(self.learner.restore.remote())
-
-    def publish(self) -> int:
-        ref = self.learner.adapter.remote()  # stored once in the object store, fetched by ref
-        version = self.ray.get(self.learner.current_version.remote())
-        self.ray.get(self.board.publish.remote(version, [ref]))
-        return version
-
-    def rollout(self, iteration: int) -> list[dict]:
-        return self.ray.get([w.rollout.remote(iteration) for w in self.workers])
-
-    def train(self) -> dict:
-        return self.ray.get(self.learner.train_iteration.remote())
-
-    def close(self) -> None:
-        try:
-            self.ray.get([w.close.remote() for w in self.workers], timeout=60)
-        finally:
-            self.ray.shutdown()
-
-
-class _InProcess:
-    """rollout.num_workers: 0 — the same classes, one worker, no Ray."""
-
-    def __init__(self, cfg: Config, run_dir: Path):
-        from retro_dist.learner.learner import Learner
-        from retro_dist.rollout.worker import RolloutWorker
-
-        self.source = LocalWeightSource()
-        self.learner = Learner(cfg.learner, cfg.reflector, str(run_dir / "replay"), cfg.replay,
-                               str(run_dir), cfg.run.seed)
-        self.workers = [RolloutWorker(worker_specs(cfg, run_dir, 1)[0], self.source)]
-
-    def restore(self) -> Optional[int]:
-        return self.learner.restore()
-
-    def publish(self) -> int:
-        self.source.publish(self.learner.adapter())
-        return self.learner.version
-
-    def rollout(self, iteration: int) -> list[dict]:
-        return [w.rollout(iteration) for w in self.workers]
-
-    def train(self) -> dict:
-        return self.learner.train_iteration()
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.close()
-
-
 def train(cfg: Config, address: Optional[str] = None) -> Path:
-    """Run `cfg.run.iterations` iterations; returns the run folder."""
+    """Run the configured job (`run.mode` sync or async); returns the run folder."""
     preflight(cfg)
     cfg = with_absolute_model_paths(cfg)
     run_dir = prepare_run_dir(cfg)
     address = address or cfg.ray.address
-    system = _InProcess(cfg, run_dir) if cfg.rollout.num_workers == 0 and not address else _Cluster(cfg, run_dir, address)
-    logger = MetricsLogger(run_dir, cfg.run.iterations)
+    system = (LocalSystem(cfg, run_dir) if cfg.rollout.num_workers == 0 and not address
+              else RaySystem(cfg, run_dir, address))
+    total = cfg.run.iterations if cfg.run.mode == "sync" else cfg.run.updates
+    logger = MetricsLogger(run_dir, total)
     try:
-        start = system.restore() or 0
-        system.publish()  # version `start` (0: the initial LoRA, B = 0, i.e. the base reflector)
-        for it in range(start, cfg.run.iterations):
-            t0 = time.time()
-            results = system.rollout(it)
-            metrics = summarize_rollouts(results, cfg.rollout.trials)
-            metrics["time/rollout_seconds"] = time.time() - t0
-            metrics.update(system.train())
-            t1 = time.time()
-            system.publish()
-            metrics["time/publish_seconds"] = time.time() - t1
-            metrics["time/iteration_seconds"] = time.time() - t0
-            for r in results:
-                for err in r["errors"][:3]:
-                    print(f"  worker {r['worker_id']}: episode errored: {err}", flush=True)
-            logger.log(it, metrics)
+        if cfg.run.mode == "sync":
+            _train_sync(cfg, system, logger)
+        else:
+            _train_async(cfg, run_dir, system, logger)
     finally:
         logger.close()
         system.close()
     return run_dir
+
+
+def _train_sync(cfg: Config, system, logger: MetricsLogger) -> None:
+    """Roll out → learn → publish, per iteration; workers pull the new adapter before rolling out."""
+    start = system.restore() or 0
+    system.publish()  # version `start` (0: the initial LoRA, B = 0, i.e. the base reflector)
+    for it in range(start, cfg.run.iterations):
+        t0 = time.time()
+        results = system.rollout(it)
+        metrics = summarize_rollouts(results, cfg.rollout.trials)
+        metrics["time/rollout_seconds"] = time.time() - t0
+        metrics.update(system.train())
+        t1 = time.time()
+        system.publish()
+        metrics["time/publish_seconds"] = time.time() - t1
+        metrics["time/iteration_seconds"] = time.time() - t0
+        _print_errors(results)
+        logger.log(it, metrics)
+
+
+def _train_async(cfg: Config, run_dir: Path, system, logger: MetricsLogger) -> None:
+    """The driver as a monitor: start the loops, log every `run.log_every_s`, stop at `run.updates`."""
+    system.restore()
+    system.start_async(start_groups(run_dir, cfg, system.num_workers))
+    interval = 0
+    try:
+        while True:
+            deadline = time.time() + cfg.run.log_every_s
+            while time.time() < deadline and not system.learner_done():  # wake early when it is done
+                time.sleep(min(0.5, max(0.0, deadline - time.time())))
+            learner, workers = system.poll_async()
+            _print_errors(workers)
+            logger.log(interval, summarize_async(learner, workers, cfg.rollout.trials))
+            interval += 1
+            if learner["learner/done"]:
+                break
+    except KeyboardInterrupt:
+        print("retro-dist: interrupted; stopping the loops and sealing every writer", flush=True)
+    learner, workers = system.stop_async()
+    if learner.get("learner/updates") or any(w["episodes"] for w in workers):
+        logger.log(interval, summarize_async(learner, workers, cfg.rollout.trials))
+
+
+def summarize_async(learner: dict, workers: list[dict], trials: int) -> dict:
+    """One logged interval: the learner's step metrics plus the workers' production since the last one."""
+    out = dict(learner)
+    episodes = sum(w["episodes"] for w in workers)
+    wall = max((w["wall_seconds"] for w in workers), default=0.0)
+    succ = [w["success_sum"] for w in workers if w["success_sum"] is not None]
+    if episodes and succ:
+        out.update({f"rollout/success@trial{k}": float(v) for k, v in
+                    enumerate(np.sum(succ, axis=0) / episodes)})
+    n_refl = sum(w["reflections"] for w in workers)
+    syncs = [s for w in workers for s in w["syncs"]]
+    out.update({
+        "rollout/episodes": episodes, "rollout/episodes_per_s": episodes / wall if wall > 0 else 0.0,
+        "rollout/trials": sum(w["trials"] for w in workers), "rollout/reflections": n_refl,
+        "rollout/stored_rows": sum(w["stored"] for w in workers),
+        "rollout/errored_episodes": sum(len(w["errors"]) for w in workers),
+        "rollout/reflection_reward": sum(w["reward_sum"] for w in workers) / n_refl if n_refl else float("nan"),
+        "rollout/policy_versions": sorted({v for w in workers for v in w["versions"]}),
+        "rollout/worker_versions": [w["version"] for w in workers],
+        "rollout/worker_busy_fraction": float(np.mean([w["busy_fraction"] for w in workers])) if workers else 0.0,
+        "rollout/paused_seconds": float(sum(w["paused_seconds"] for w in workers)),
+        "time/sync_seconds": float(sum(s["sync/seconds"] for s in syncs)),
+        "sync/probe_gap_max": max((s["sync/probe_gap"] for s in syncs), default=0.0),
+    })
+    return out
+
+
+def _print_errors(results: list[dict]) -> None:
+    for r in results:
+        for err in r["errors"][:3]:
+            print(f"  worker {r['worker_id']}: episode errored: {err}", flush=True)

@@ -24,6 +24,9 @@ class WeightBoard:
     def latest(self, have_version: int) -> Optional[list]:
         return None if self.version <= have_version else [self.ref]
 
+    def newest_version(self) -> int:
+        return self.version
+
 
 class RayWeightSource:
     """The worker's `WeightSource` on a Ray cluster: ask the board, fetch the tensors by ref."""
@@ -34,3 +37,17 @@ class RayWeightSource:
     def __call__(self, have_version: int) -> Optional[Adapter]:
         boxed = ray.get(self.board.latest.remote(have_version))
         return None if boxed is None else ray.get(boxed[0])
+
+    def newest_version(self) -> int:
+        return ray.get(self.board.newest_version.remote())
+
+
+class RayWeightSink:
+    """The learner's publisher on a Ray cluster: put the adapter in the object store once, post its ref."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def __call__(self, adapter: Adapter) -> None:
+        ref = ray.put(adapter)
+        ray.get(self.board.publish.remote(adapter.version, [ref]))

@@ -21,3 +21,6 @@ class LocalWeightSource:
     def __call__(self, have_version: int) -> Optional[Adapter]:
         a = self.adapter
         return a if a is not None and a.version > have_version else None
+
+    def newest_version(self) -> int:
+        return -1 if self.adapter is None else self.adapter.version

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from retro_dist.config import load_config
-from retro_dist.launch.train import worker_specs
+from retro_dist.launch.system import worker_specs
 from retro_dist.rollout.weight_source import LocalWeightSource
 from retro_dist.learner.learner import Learner
 from retro_dist.rollout.worker import RolloutWorker, WeightSyncError

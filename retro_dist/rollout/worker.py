@@ -66,11 +66,8 @@ class RolloutWorker:
             return None
         self.reflector.load(adapter)
         probe = adapter.extra["probe"]
-        mine = np.asarray(self.reflector.score(probe["prompt_ids"], probe["completion_ids"]))
-        gap = float(np.abs(mine - np.asarray(probe["logprobs"])).max())
-        if gap > self.spec.probe_tolerance:
-            raise WeightSyncError(f"worker {self.spec.worker_id}: probe log-probs differ from the learner's by "
-                                  f"{gap:.4f} > {self.spec.probe_tolerance} after loading v{adapter.version}")
+        gap = check_probe(self.reflector.score(probe["prompt_ids"], probe["completion_ids"]), adapter,
+                          self.spec.probe_tolerance, self.spec.worker_id)
         seconds = time.time() - t0
         self.sync_seconds += seconds
         return {"sync/seconds": seconds, "sync/probe_gap": gap, "sync/version": adapter.version}
@@ -132,6 +129,16 @@ class RolloutWorker:
         for backend in {id(p.backend): p.backend for p in (self.actor, self.reflector)}.values():
             if hasattr(backend, "close"):  # vLLM: remove the adapter folders
                 backend.close()
+
+
+def check_probe(mine, adapter, tolerance: float, worker_id: int) -> float:
+    """Largest gap between the worker's log-probs of the probe reflection and the learner's; a gap
+    above `tolerance` means the worker is not serving the weights the learner published."""
+    gap = float(np.abs(np.asarray(mine) - np.asarray(adapter.extra["probe"]["logprobs"])).max())
+    if gap > tolerance:
+        raise WeightSyncError(f"worker {worker_id}: probe log-probs differ from the learner's by "
+                              f"{gap:.4f} > {tolerance} after loading v{adapter.version}")
+    return gap
 
 
 def repeated(take, start: int, count: int, repeats: int) -> list:

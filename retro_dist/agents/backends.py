@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
 
@@ -30,6 +30,7 @@ class Generation:
     token_ids: list[int]  # (R,) sampled continuation, EOS included when generated
     logprobs: list[float]  # (R,) raw log-probs of token_ids
     text: str
+    version: Optional[int] = None  # adapter version that sampled it, where the backend knows (async backends)
 
 
 @dataclass
@@ -40,6 +41,18 @@ class Adapter:
     tensors: dict  # peft state-dict names -> CPU tensors
     peft_config: dict  # peft LoraConfig.to_dict(), for vLLM's adapter folder
     extra: dict = field(default_factory=dict)
+
+
+Seeds = Union[int, Sequence[int]]  # one seed for a batch, or one per request (batch-independent sampling)
+
+
+def per_request(seed: Seeds, n: int) -> list[int]:
+    """One seed per request: a list as given; an int `s` as s, s+1, ... (the batch convention)."""
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    if len(seed) != n:
+        raise ValueError(f"{len(seed)} seeds for {n} requests")
+    return [int(s) for s in seed]
 
 
 class Backend(Protocol):
@@ -119,7 +132,10 @@ class HFBackend:
         for i, p in enumerate(prompt_ids):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        # A list of seeds gives each row its own generator, so a row's sample does not depend on
+        # which other requests share its batch (the async request-batching queue relies on it).
+        gens = ([torch.Generator(device=self.device).manual_seed(s) for s in seed]
+                if not isinstance(seed, int) else torch.Generator(device=self.device).manual_seed(seed))
         done = torch.zeros(len(prompt_ids), dtype=torch.bool)
         out_ids, out_lp = [[] for _ in prompt_ids], [[] for _ in prompt_ids]
         ids, mask, past = ids.to(self.device), mask.to(self.device), None
@@ -133,7 +149,11 @@ class HFBackend:
                 logp = torch.log_softmax(out.logits[:, -1].float(), -1)
                 if temperature > 0:
                     probs = torch.softmax(logp / temperature, -1)
-                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                    if isinstance(gens, list):
+                        nxt = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0]
+                                         for i, g in enumerate(gens)])
+                    else:
+                        nxt = torch.multinomial(probs, 1, generator=gens).squeeze(-1)
                 else:
                     nxt = logp.argmax(-1)
                 chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
@@ -240,9 +260,9 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0,
-                                 seed=seed + i, stop=["\n"] if stop_at_newline else None,
+                                 seed=s, stop=["\n"] if stop_at_newline else None,
                                  include_stop_str_in_output=True)
-                  for i in range(len(prompt_ids))]
+                  for s in per_request(seed, len(prompt_ids))]
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         outs = self.llm.generate(prompts, params, lora_request=self._lora(use_adapter), use_tqdm=False)
         gens = []
@@ -300,9 +320,12 @@ class OpenAIBackend:
             raise BackendError(f"actor endpoint {self.base_url} failed: {err}") from err
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int, temperature: float,
-                      seed: int = 0) -> list[str]:
-        body = dict(model=self.model, prompt=list(prompts), max_tokens=max_new_tokens,
-                    temperature=temperature, stop=["\n"], seed=seed)
+                      seed: Seeds = 0) -> list[str]:
+        if not isinstance(seed, int) and temperature > 0:  # the API takes one seed per request
+            return [self.generate_text([p], max_new_tokens, temperature, s)[0]
+                    for p, s in zip(prompts, per_request(seed, len(prompts)))]
+        body = dict(model=self.model, prompt=[str(p) for p in prompts], max_tokens=max_new_tokens,
+                    temperature=temperature, stop=["\n"], seed=seed if isinstance(seed, int) else 0)
         choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
         return [c["text"] for c in choices]
 

@@ -5,14 +5,21 @@ failed and another trial follows, the reflector writes y_k from (τ_k, G_k, earl
 trial k+1 then runs with y_k in memory, and y_k's reward is r_k = G_{k+1} − G_k. A task stops
 at its first success (cumulative success, as in Reflexion). An environment that raises marks
 its episode errored (reason kept in the trial record) and the other episodes go on.
+
+Every sampled request gets its own seed, `request_seed(episode_seed, trial, step)`, so an episode's
+actions and reflections depend on its own seed only, never on which episodes share a batch: the
+continuous-batching runner (`rollout/concurrent.py`) shares this bookkeeping and reproduces these
+records for the same jobs.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from retro_dist.agents import prompts
+from retro_dist.agents.prompts import PromptBuilder
 from retro_dist.agents.backends import BackendError, Generation
 from retro_dist.agents.policies import ActorPolicy, ReflectorPolicy
 from retro_dist.core.records import ReflectionSample, TrialRecord, make_key
@@ -24,14 +31,24 @@ class EpisodeIds:
     run_id: str
     worker_id: int
     episode_ids: list[int]  # one per task, deterministic so re-runs reuse keys
-    seed: int
+    seed: int  # episode i of the batch has seed `seed + i` (its `EpisodeJob.seed` in the concurrent runner)
+
+
+REFLECT_STEP = -1  # the `step` of a reflection's request seed
+
+
+def request_seed(episode_seed: int, trial: int, step: int) -> int:
+    """Seed of one sampled request: a hash of (episode seed, trial, step), in [0, 2^31)."""
+    digest = hashlib.blake2b(f"{episode_seed}/{trial}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 @dataclass
 class _Episode:
     task: Task
-    env: TextEnv
+    env: Optional[TextEnv]  # None in the concurrent runner (it borrows pooled simulators)
     episode_id: int
+    seed: int = 0
     memory: list[str] = field(default_factory=list)
     returns: list[float] = field(default_factory=list)
     solved: bool = False
@@ -44,6 +61,35 @@ class _Episode:
     rewards: list[float] = field(default_factory=list)
     last: Optional[Observation] = None
     started: float = 0.0
+    actor_prompts: Optional[PromptBuilder] = None  # token pieces cached for the episode's lifetime
+    reflector_prompts: Optional[PromptBuilder] = None
+
+    def start_trial(self, instruction: str, first: Observation) -> None:
+        self.instruction, self.last, self.first_obs = instruction, first, first.text
+
+    def record_step(self, action: str, obs: Observation) -> None:
+        self.last = obs
+        self.steps.append((action, obs.text))
+        self.rewards.append(obs.reward)
+
+    def acting(self) -> bool:
+        return self.error is None and self.last is not None and not self.last.done
+
+    def actor_prompt(self, actor) -> prompts.PromptText:
+        if self.actor_prompts is None:
+            self.actor_prompts = PromptBuilder.for_policy(actor)
+        return self.actor_prompts.build(prompts.actor_parts(
+            self.task.env_name, self.instruction, self.memory, self.first_obs, self.steps))
+
+    def reflection_prompt(self, reflector) -> prompts.PromptText:
+        if self.reflector_prompts is None:
+            self.reflector_prompts = PromptBuilder.for_policy(reflector)
+        return self.reflector_prompts.build(prompts.reflection_parts(
+            self.task.env_name, self.instruction, self.memory, self.first_obs, self.steps, self.returns[-1]))
+
+    def valid_actions(self) -> Optional[list[str]]:
+        """Only a complete list can be scored; elsewhere (HotPotQA's finish[answer]) the actor generates."""
+        return self.last.valid_actions if self.last.actions_complete else None
 
 
 @dataclass
@@ -62,23 +108,20 @@ def _guard(ep: _Episode, fn, *args):
         return None
 
 
-def _run_trial(live: list[_Episode], actor: ActorPolicy, step_limit: int, seed: int) -> None:
+def _run_trial(live: list[_Episode], actor: ActorPolicy, step_limit: int, trial: int) -> None:
     for ep in live:
         ep.steps, ep.rewards, ep.started = [], [], time.time()
         reset = _guard(ep, ep.env.reset, ep.task)
         if reset is not None:
-            ep.instruction, ep.last = reset
-            ep.first_obs = ep.last.text
+            ep.start_trial(*reset)
     for t in range(step_limit):
-        acting = [ep for ep in live if ep.error is None and not ep.last.done]
+        acting = [ep for ep in live if ep.acting()]
         if not acting:
             break
-        texts = [prompts.actor_prompt(ep.task.env_name, ep.instruction, ep.memory, ep.first_obs,
-                                      ep.steps, actor.fits) for ep in acting]
-        # only a complete list can be scored; elsewhere (e.g. HotPotQA's finish[answer]) the actor generates
-        valid = [ep.last.valid_actions if ep.last.actions_complete else None for ep in acting]
+        texts = [ep.actor_prompt(actor) for ep in acting]
+        seeds = [request_seed(ep.seed, trial, t) for ep in acting]
         try:
-            actions = actor.act(texts, seed=seed + t, valid_actions=valid)
+            actions = actor.act(texts, seed=seeds, valid_actions=[ep.valid_actions() for ep in acting])
         except BackendError as err:  # e.g. the actor endpoint timed out: these episodes error, others go on
             for ep in acting:
                 ep.error = f"BackendError: {err}"
@@ -86,18 +129,16 @@ def _run_trial(live: list[_Episode], actor: ActorPolicy, step_limit: int, seed: 
         for ep, action in zip(acting, actions):
             obs = _guard(ep, ep.env.step, action)
             if obs is not None:
-                ep.last = obs
-                ep.steps.append((action, obs.text))
-                ep.rewards.append(obs.reward)
+                ep.record_step(action, obs)
 
 
-def _trial_record(ep: _Episode, ids: EpisodeIds, trial: int, version: int) -> TrialRecord:
+def trial_record(ep: _Episode, run_id: str, worker_id: int, trial: int, version: int) -> TrialRecord:
     ok = ep.error is None
     ret = ep.last.score if ok and ep.last is not None else 0.0
     success = bool(ok and ep.last is not None and ep.last.success)
     return TrialRecord(
-        key=make_key(ids.run_id, ids.worker_id, ep.episode_id, trial), run_id=ids.run_id,
-        worker_id=ids.worker_id, episode_id=ep.episode_id, task_id=ep.task.task_id,
+        key=make_key(run_id, worker_id, ep.episode_id, trial), run_id=run_id,
+        worker_id=worker_id, episode_id=ep.episode_id, task_id=ep.task.task_id,
         env_name=ep.task.env_name, trial=trial, actions=[a for a, _ in ep.steps],
         observations=[ep.first_obs] + [o for _, o in ep.steps], step_rewards=list(ep.rewards),
         memory=list(ep.memory), ret=float(1.0 if success else ret), success=success,
@@ -105,11 +146,12 @@ def _trial_record(ep: _Episode, ids: EpisodeIds, trial: int, version: int) -> Tr
         created_at=time.time())
 
 
-def _reflection_sample(ep: _Episode, ids: EpisodeIds, trial: int, ret_after: float) -> ReflectionSample:
+def _reflection_sample(ep: _Episode, run_id: str, worker_id: int, trial: int,
+                       ret_after: float) -> ReflectionSample:
     gen, text, ret_before, version = ep.pending
     return ReflectionSample(
-        key=make_key(ids.run_id, ids.worker_id, ep.episode_id, trial), run_id=ids.run_id,
-        worker_id=ids.worker_id, episode_id=ep.episode_id, task_id=ep.task.task_id,
+        key=make_key(run_id, worker_id, ep.episode_id, trial), run_id=run_id,
+        worker_id=worker_id, episode_id=ep.episode_id, task_id=ep.task.task_id,
         env_name=ep.task.env_name, trial=trial, prompt_ids=list(gen.prompt_ids),
         reflection_ids=list(gen.token_ids), behaviour_logprobs=list(gen.logprobs),
         reflection_text=text, return_before=ret_before, return_after=ret_after,
@@ -120,35 +162,45 @@ def run_episodes(tasks: Sequence[Task], envs: Sequence[TextEnv], ids: EpisodeIds
                  actor: ActorPolicy, reflector: Optional[ReflectorPolicy], trials: int, memory_size: int,
                  step_limit: int) -> EpisodeOutput:
     """Run len(tasks) multi-trial episodes side by side, one environment each."""
-    eps = [_Episode(t, e, i) for t, e, i in zip(tasks, envs, ids.episode_ids)]
+    eps = [_Episode(t, e, i, seed=ids.seed + n) for n, (t, e, i) in enumerate(zip(tasks, envs, ids.episode_ids))]
     out = EpisodeOutput([], [], [])
     for k in range(trials):
         live = [ep for ep in eps if not ep.solved and ep.error is None]
         if not live:
             break
-        _run_trial(live, actor, step_limit, seed=ids.seed + 1000 * k)
+        _run_trial(live, actor, step_limit, trial=k)
         for ep in live:
-            rec = _trial_record(ep, ids, k, reflector.version if reflector is not None else -1)
-            out.trials.append(rec)
-            if ep.error is not None:
-                out.errors.append(f"{ep.task.task_id} trial {k}: {ep.error}")
-                continue  # an errored trial gives no return to reward the pending reflection
-            ep.returns.append(rec.ret)
-            ep.solved = rec.success
-            if ep.pending is not None:
-                out.reflections.append(_reflection_sample(ep, ids, k - 1, rec.ret))
-                ep.pending = None
+            finish_trial(ep, out, ids.run_id, ids.worker_id, k, reflector.version if reflector is not None else -1)
         failed = [ep for ep in live if ep.error is None and not ep.solved]
         if k + 1 < trials and failed and reflector is not None:  # None: retries without reflection
-            _reflect(failed, reflector, memory_size, seed=ids.seed + 1000 * k + 500)
+            _reflect(failed, reflector, memory_size, trial=k)
     return out
 
 
-def _reflect(failed: list[_Episode], reflector: ReflectorPolicy, memory_size: int, seed: int) -> None:
-    texts = [prompts.reflection_prompt(ep.task.env_name, ep.instruction, ep.memory, ep.first_obs,
-                                       ep.steps, ep.returns[-1], reflector.fits) for ep in failed]
-    gens = reflector.reflect(texts, seed=seed, tasks=[ep.task for ep in failed])
+def finish_trial(ep: _Episode, out: EpisodeOutput, run_id: str, worker_id: int, trial: int, version: int) -> None:
+    """Write trial k's record; its return rewards the reflection written after trial k-1."""
+    rec = trial_record(ep, run_id, worker_id, trial, version)
+    out.trials.append(rec)
+    if ep.error is not None:
+        out.errors.append(f"{ep.task.task_id} trial {trial}: {ep.error}")
+        return  # an errored trial gives no return to reward the pending reflection
+    ep.returns.append(rec.ret)
+    ep.solved = rec.success
+    if ep.pending is not None:
+        out.reflections.append(_reflection_sample(ep, run_id, worker_id, trial - 1, rec.ret))
+        ep.pending = None
+
+
+def remember(ep: _Episode, gen: Generation, version: int, memory_size: int) -> None:
+    """y_k goes into the memory of trial k+1; its sample waits there for G_{k+1}."""
+    text = prompts.reflection_from_text(gen.text)
+    ep.pending = (gen, text, ep.returns[-1], version)
+    ep.memory = (ep.memory + [text])[-memory_size:] if memory_size else []
+
+
+def _reflect(failed: list[_Episode], reflector: ReflectorPolicy, memory_size: int, trial: int) -> None:
+    texts = [ep.reflection_prompt(reflector) for ep in failed]
+    seeds = [request_seed(ep.seed, trial, REFLECT_STEP) for ep in failed]
+    gens = reflector.reflect(texts, seed=seeds, tasks=[ep.task for ep in failed])
     for ep, gen in zip(failed, gens):
-        text = prompts.reflection_from_text(gen.text)
-        ep.pending = (gen, text, ep.returns[-1], reflector.version)
-        ep.memory = (ep.memory + [text])[-memory_size:] if memory_size else []
+        remember(ep, gen, gen.version if gen.version is not None else reflector.version, memory_size)

@@ -1,0 +1,256 @@
+"""Async language-model backends for continuous batching: one request per episode step, many in flight.
+
+- `AsyncVLLMEngine`: vLLM's `AsyncLLM`; the engine schedules whatever requests are in flight
+  (continuous batching), so an episode waits for its own tokens only.
+- `HFBatcher`: a request-batching queue in front of `HFBackend`: requests that arrive while a batch
+  runs are gathered into the next batched call, which runs in a worker thread off the event loop.
+- `AsyncOpenAIClient`: an async HTTP client for an OpenAI-compatible `/v1/completions` endpoint.
+
+Like the sync backends, generations carry the sampled token ids and raw log-probs, and every
+request takes its own seed, so what an episode samples does not depend on what shares its batch.
+Each returns `Generation.version`: the adapter version that really sampled it, since an adapter may
+be loaded while other episodes' requests are in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+from retro_dist.agents.backends import Adapter, BackendError, Generation, HFBackend, load_tokenizer
+from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
+
+
+class AsyncVLLMEngine:
+    """One `AsyncLLM` serving base-model requests and, per request, the newest LoRA adapter.
+
+    Build it with `await AsyncVLLMEngine.start(...)` inside the event loop that will use it (the
+    engine's output handler is a task of that loop)."""
+
+    def __init__(self, llm, tokenizer):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="retro_dist_adapters_"))
+        self._lora = None  # (LoRARequest, version) of the newest adapter
+        self._in_flight: dict[int, int] = {}  # adapter version -> requests still using its folder
+        self.version = -1
+        self._closed = False
+
+    @classmethod
+    async def start(cls, model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig], seed: int):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
+        import torch
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(model=model, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
+                      max_model_len=engine.max_model_len, seed=seed, disable_log_stats=True)
+        if torch.cuda.is_available():  # the CPU build rejects gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        if lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora.lora_rank), max_loras=engine.max_loras)
+        return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), load_tokenizer(model))
+
+    def load_adapter(self, adapter: Adapter) -> None:
+        """Write the adapter as a peft folder; requests submitted from now on use it (cheap, sync)."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        path = self._adapter_dir / f"v{adapter.version}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in adapter.tensors.items()}, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(adapter.peft_config))
+        # A new name + int id per version, so the engine never serves a cached older adapter.
+        self._lora = (LoRARequest(f"reflector-v{adapter.version}", adapter.version + 1, str(path)), adapter.version)
+        self.version = adapter.version
+        self._prune()
+
+    def _prune(self) -> None:
+        """Remove old adapter folders, but not one a queued request may still have to load."""
+        for old in self._adapter_dir.glob("v*"):
+            v = int(old.name[1:])
+            if v != self.version and not self._in_flight.get(v):
+                shutil.rmtree(old, ignore_errors=True)
+
+    async def _final(self, prompt_ids: Sequence[int], params, use_adapter: bool) -> tuple[object, int]:
+        """Run one request to completion; returns (RequestOutput, adapter version it used or -1)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        lora, version = self._lora if (use_adapter and self._lora is not None) else (None, -1)
+        self._in_flight[version] = self._in_flight.get(version, 0) + 1
+        try:
+            final = None
+            async for out in self.llm.generate({"prompt_token_ids": list(prompt_ids)}, params,
+                                               f"req-{next(self._ids)}", lora_request=lora):
+                final = out
+        except asyncio.CancelledError:
+            raise  # the engine aborts the request itself
+        except Exception as err:  # an engine that died: the episode errors, the runner goes on
+            raise BackendError(f"vLLM request failed: {type(err).__name__}: {err}") from err
+        finally:
+            self._in_flight[version] -= 1
+            if 0 <= version != self.version and not self._in_flight[version]:
+                self._prune()
+        return final, version
+
+    async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
+                       stop_at_newline: bool = False, use_adapter: bool = True, seed: int = 0) -> Generation:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0, seed=seed,
+                                stop=["\n"] if stop_at_newline else None, include_stop_str_in_output=True)
+        out, version = await self._final(prompt_ids, params, use_adapter)
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
+        return Generation(list(prompt_ids), ids, lps, c.text, version=version)
+
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                    use_adapter: bool = True) -> list[float]:
+        """log P(completion_ids[t] | prompt, completion_ids[:t]) per token."""
+        from vllm import SamplingParams
+
+        full = list(prompt_ids) + list(completion_ids)
+        out, _ = await self._final(full, SamplingParams(max_tokens=1, prompt_logprobs=0), use_adapter)
+        return [out.prompt_logprobs[i][full[i]].logprob for i in range(len(prompt_ids), len(full))]
+
+    async def score_candidates(self, prompt_ids: Sequence[int], candidates: Sequence[list[int]]) -> list[float]:
+        """Σ log P(candidate | prompt) under the base model; one request each, the prefix cache shares the prompt."""
+        lps = await asyncio.gather(*(self.score(prompt_ids, c, use_adapter=False) for c in candidates))
+        return [float(sum(lp)) for lp in lps]
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.llm.shutdown()
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+
+class HFBatcher:
+    """Request-batching queue in front of an `HFBackend` (one model, one batch at a time).
+
+    Requests wait in a queue; whenever the model is free, every waiting request of the same kind
+    (and sampling parameters) goes into one batched call, run in a worker thread so the event loop
+    keeps stepping simulators meanwhile. Rows are seeded one by one, so a request's sample does not
+    depend on its batch. Adapter loads take the model lock: they never land mid-batch.
+    """
+
+    def __init__(self, backend: HFBackend, max_batch: int = 64):
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.max_batch = max_batch
+        self.version = -1
+        self._lock = threading.Lock()  # the model: a batch or an adapter load, never both
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf-batcher")
+        self._queue: list[tuple[tuple, tuple, asyncio.Future]] = []  # (kind key, args, future)
+        self._drainer: Optional[asyncio.Task] = None
+        self.batches = 0
+        self.rows = 0
+
+    def load_adapter(self, adapter: Adapter) -> None:
+        with self._lock:
+            self.backend.load_adapter(adapter)
+            self.version = adapter.version
+
+    async def _submit(self, key: tuple, args: tuple):
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((key, args, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            await asyncio.sleep(0)  # requests made in this same loop tick join the batch
+            key = self._queue[0][0]
+            batch = [r for r in self._queue if r[0] == key][: self.max_batch]
+            taken = {id(r) for r in batch}
+            self._queue = [r for r in self._queue if id(r) not in taken]
+            live = [r for r in batch if not r[2].done()]  # a cancelled episode's request is dropped
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self._pool, self._run, key, [r[1] for r in live])
+            except Exception as err:  # every request of the failed batch gets the error
+                for _, _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(BackendError(f"HF batch failed: {type(err).__name__}: {err}"))
+                continue
+            for (_, _, fut), res in zip(live, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    def _run(self, key: tuple, rows: list[tuple]) -> list:
+        """In the worker thread: one batched backend call for `rows` of kind `key`."""
+        with self._lock:
+            self.batches += 1
+            self.rows += len(rows)
+            if key[0] == "generate":
+                _, max_new, temperature, stop, use_adapter = key
+                gens = self.backend.generate([r[0] for r in rows], max_new, temperature, stop_at_newline=stop,
+                                             use_adapter=use_adapter, seed=[r[1] for r in rows])
+                for g in gens:
+                    g.version = self.version if use_adapter else -1
+                return gens
+            if key[0] == "candidates":
+                return self.backend.score_candidates([r[0] for r in rows], [r[1] for r in rows])
+            return [self.backend.score(r[0], r[1], use_adapter=key[1]) for r in rows]
+
+    async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
+                       stop_at_newline: bool = False, use_adapter: bool = True, seed: int = 0) -> Generation:
+        key = ("generate", max_new_tokens, float(temperature), stop_at_newline, use_adapter)
+        return await self._submit(key, (list(prompt_ids), seed))
+
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                    use_adapter: bool = True) -> list[float]:
+        return await self._submit(("score", use_adapter), (list(prompt_ids), list(completion_ids)))
+
+    async def score_candidates(self, prompt_ids: Sequence[int], candidates: Sequence[list[int]]) -> list[float]:
+        return await self._submit(("candidates",), (list(prompt_ids), [list(c) for c in candidates]))
+
+    async def close(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            self._drainer.cancel()
+        for _, _, fut in self._queue:
+            fut.cancel()
+        self._queue = []
+        self._pool.shutdown(wait=True)  # a batch in the thread finishes; its results are dropped
+
+
+class AsyncOpenAIClient:
+    """A frozen actor behind an OpenAI-compatible `/v1/completions` endpoint, one request per step."""
+
+    def __init__(self, cfg: ActorConfig, max_connections: int = 64):
+        import httpx
+
+        self.model = cfg.model
+        self.base_url = cfg.base_url.rstrip("/")
+        self.tokenizer = None  # text in, text out: the server tokenizes
+        headers = {"Authorization": f"Bearer {os.environ.get(cfg.api_key_env, 'EMPTY')}"}
+        self._client = httpx.AsyncClient(timeout=cfg.request_timeout_s, headers=headers,
+                                         limits=httpx.Limits(max_connections=max_connections))
+
+    async def generate_text(self, prompt: str, max_new_tokens: int, temperature: float, seed: int = 0) -> str:
+        import httpx
+
+        body = dict(model=self.model, prompt=str(prompt), max_tokens=max_new_tokens,
+                    temperature=temperature, stop=["\n"], seed=seed)
+        try:
+            resp = await self._client.post(f"{self.base_url}/completions", json=body)
+            resp.raise_for_status()
+            return resp.json()["choices"][0]["text"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
+            raise BackendError(f"actor endpoint {self.base_url} failed: {type(err).__name__}: {err}") from err
+
+    async def close(self) -> None:
+        await self._client.aclose()

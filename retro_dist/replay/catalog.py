@@ -1,16 +1,19 @@
 """On-disk layout of a replay store, its catalog, and the file operations both sides share.
 
-Layout under the store root (any `pyarrow.fs` URI; a bare path means the local disk):
+Layout under the store root (a bare path, file:// or s3:// URI; see location.py):
 
     segments/<table>/<writer>-<seq:08d>.arrows       sealed Arrow IPC stream segment
-    segments/<table>/<writer>-<seq:08d>.arrows.tmp   the writer's open segment (not yet data)
+    segments/<table>/<writer>-<seq:08d>.arrows.tmp   the writer's open segment (local disk only)
     catalog/<writer>.json                            that writer's sealed segments
     quarantine/<writer>-<seq:08d>.arrows             segments that failed to read
     evicted/<table>/<writer>-<seq:08d>.arrows        empty marker: removed by retention
 
 The catalog is the commit point: a segment is part of the store once its entry is in a
-catalog file. Each writer rewrites only its own catalog file (temp + fsync + rename), so any
-number of writer processes can share a store without a lock; readers merge all files.
+catalog file. Each writer rewrites only its own catalog file (local: temp + fsync + rename;
+object store: one PUT of the final name), so any number of writer processes can share a store
+without a lock; readers merge all files. On an object store a segment is written once under
+its final name (an object appears whole when its upload completes, never partly), and a
+reader never opens a segment no catalog lists.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from retro_dist.core.records import SCHEMAS
+from retro_dist.replay.gather import check_offsets
+from retro_dist.replay.location import fsync_path, open_location, write_once
 
 SEGMENT_SUFFIX = ".arrows"
 TMP_SUFFIX = ".tmp"
@@ -89,17 +94,15 @@ class Catalog:
 
 
 class StoreLocation:
-    """A store root on some `pyarrow.fs` filesystem, plus the durability calls it supports."""
+    """A store root on some `pyarrow.fs` filesystem, plus the durability calls it supports.
+
+    `local` stores (bare paths, file://) use temp names, fsync and rename; object stores
+    write every object once under its final name (see location.py).
+    """
 
     def __init__(self, root_uri: str) -> None:
-        if "://" in root_uri:
-            fs, root = pafs.FileSystem.from_uri(root_uri)
-        else:
-            fs, root = pafs.LocalFileSystem(), os.path.abspath(root_uri)
+        fs, root = open_location(root_uri)
         self.local = isinstance(fs, pafs.LocalFileSystem)
-        if self.local:
-            # mmap: readers then touch only the pages they use (a 1M-row store maps, not loads).
-            fs = pafs.LocalFileSystem(use_mmap=True)
         self.fs: pafs.FileSystem = fs
         self.root = root.rstrip("/")
         self.uri = root_uri
@@ -123,22 +126,12 @@ class StoreLocation:
         fsync works per inode, so a fresh read-only descriptor flushes what the pyarrow
         stream wrote. Object stores have no such call: a completed PUT is already durable.
         """
-        if not self.local:
-            return
-        fd = os.open(self.path(rel), os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.local:
+            fsync_path(self.path(rel), directory)
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Replace `rel` with `data` so readers see the old or the new file, never a mix."""
-        tmp = rel + TMP_SUFFIX
-        with self.fs.open_output_stream(self.path(tmp), compression=None) as out:
-            out.write(data)
-        self.fsync(tmp)
-        self.fs.move(self.path(tmp), self.path(rel))
-        self.fsync(os.path.dirname(rel), directory=True)
+        write_once(self.fs, self.path(rel), data)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel), compression=None) as f:
@@ -162,22 +155,30 @@ def load_catalog(loc: StoreLocation, writer_id: str) -> Catalog:
 
 
 def read_segment(loc: StoreLocation, rel: str, table: str,
-                 expect_rows: Optional[int] = None, full: bool = False) -> pa.Table:
-    """Read and check one sealed segment; raises on any damage.
+                 expect_rows: Optional[int] = None) -> pa.Table:
+    """Read (one GET on an object store) and check one sealed segment; raises on any damage."""
+    data = ipc.open_stream(pa.BufferReader(loc.read_bytes(rel))).read_all()
+    check_segment(data, table, expect_rows)
+    return data
+
+
+def check_segment(data: pa.Table, table: str, expect_rows: Optional[int] = None) -> None:
+    """Raise unless `data` is a sound segment of `table`.
 
     A stream cut exactly at a message boundary reads cleanly but short, so the catalog's row
-    count is what catches it. `full` also checks every offset and value, so bytes damaged
-    in place raise here instead of crashing a later gather.
+    count is what catches it. The offsets check makes bytes damaged in place raise here
+    instead of sending a later gather outside the segment; values are not scanned (that
+    would read every page of every segment at open).
     """
-    with loc.fs.open_input_file(loc.path(rel)) as f:
-        data = ipc.open_stream(f).read_all()
     want = SCHEMAS.get(table)
     if want is not None and not data.schema.equals(want, check_metadata=False):
         raise ValueError(f"schema differs from {table}'s: {data.schema}")
     if expect_rows is not None and data.num_rows != expect_rows:
         raise ValueError(f"{data.num_rows} rows, catalog says {expect_rows}")
-    data.validate(full=full)
-    return data
+    data.validate()
+    for col in data.columns:
+        for chunk in col.chunks:
+            check_offsets(chunk)
 
 
 def first_unseen(keys: pa.Array | pa.ChunkedArray, seen: set[str]) -> np.ndarray:
@@ -194,4 +195,4 @@ def first_unseen(keys: pa.Array | pa.ChunkedArray, seen: set[str]) -> np.ndarray
 
 
 __all__ = ["SegmentEntry", "Catalog", "StoreLocation", "catalog_rel", "load_catalog",
-           "read_segment", "first_unseen", "segment_name", "parse_own_segment", "check_name"]
+           "read_segment", "check_segment", "first_unseen", "segment_name", "parse_own_segment", "check_name"]

@@ -1,11 +1,18 @@
 """ReplayStore: the reader side of the replay store (the learner's view).
 
-Merges every writer's catalog, maps the sealed segments it lists (mmap on local disk, so a
-large store costs page cache, not heap), drops repeated keys, and serves filtered reads and
-uniform / prioritised / curriculum samples. A segment that fails to read is moved to
+Merges every writer's catalog, maps the sealed segments it lists into one Arena (mmap on
+local disk, so a large store costs page cache, not heap; an object store's segments are
+downloaded once into memory files), drops repeated keys by 64-bit hash, and serves filtered
+reads and uniform / prioritised / curriculum samples. A table's segments are opened only once
+the table is first asked for (the learner never opens `trials`), and only the columns a
+filter or sampler needs are copied out of them. A segment that fails to read is moved to
 quarantine/ with one warning; temp segments are never read (their rows were never
 acknowledged, and the writer resends them). `refresh()` re-reads only catalog files whose
 size or mtime changed and loads only segments it has not seen.
+
+Resident memory: gathers touch pages of the mapped files; every ~RELEASE_BYTES of them the
+store drops its page mappings (MADV_DONTNEED), so the resident set stays near the index
+arrays plus recent gathers however large the store is.
 """
 from __future__ import annotations
 
@@ -17,15 +24,18 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 
 from retro_dist.core import sampling
 from retro_dist.core.records import SCHEMAS
-from retro_dist.replay.catalog import Catalog, SegmentEntry, StoreLocation, read_segment
+from retro_dist.replay.arena import PAGE, Arena
+from retro_dist.replay.catalog import Catalog, SegmentEntry, StoreLocation, check_segment
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.ratelimit import RateLimitedError, RateLimiter
 from retro_dist.replay.view import TableView
 
 _BLOCK_POLL_S = 0.05
+RELEASE_BYTES = 256 << 20  # resident gather pages (worst-case estimate) before releasing them
 
 
 @dataclass
@@ -42,20 +52,28 @@ class ReplayStore:
     def __init__(self, root_uri: str, cfg: ReplayConfig) -> None:
         self.cfg = cfg
         self._loc = StoreLocation(root_uri)
+        self._arena = Arena()
         self._views: dict[str, TableView] = {}
+        self._pending: dict[str, list[SegmentEntry]] = {}  # catalogued, table not opened yet
+        self._touched = 0  # estimated resident bytes since the last release_pages
         self._limiters: dict[str, RateLimiter] = {}
         self._seen: set[str] = set()  # rel paths already loaded, quarantined or skipped
         self._stamps: dict[str, tuple[int, int]] = {}  # catalog path -> (mtime_ns, size)
         self._cache: dict[tuple, tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = {}
         self._counts = {"empty_after_filters": 0, "quarantined": 0, "missing_segments": 0, "evicted_segments": 0,
                         "evicted_rows": 0, "rate_limited": 0, "sample_batches": 0,
-                        "sampled_rows": 0, "blocked_seconds": 0.0, "refresh_seconds": 0.0}
+                        "sampled_rows": 0, "blocked_seconds": 0.0, "refresh_seconds": 0.0,
+                        "segments_opened": 0}
         self.refresh()
 
     # ---- catalog -----------------------------------------------------------------------------
 
     def refresh(self) -> int:
-        """Load newly catalogued segments, then apply retention. Returns segments loaded."""
+        """Pick up newly catalogued segments, then apply retention.
+
+        Returns how many new segments were found: loaded now for tables already in use,
+        queued (not opened) for the others.
+        """
         t0 = time.perf_counter()
         new: list[SegmentEntry] = []
         for info in self._loc.list("catalog"):
@@ -69,31 +87,47 @@ class ReplayStore:
                 catalog = Catalog.from_json(f.read())
             new += [e for e in catalog.segments if e.rel_path not in self._seen]
         new.sort(key=lambda e: (e.sealed_at, e.writer_id, e.seq))
-        loaded = sum(self._load(e) for e in new)
+        for e in new:
+            self._seen.add(e.rel_path)
+            self._pending.setdefault(e.table, []).append(e)
+        for table in list(self._views):
+            self._load_pending(table)
         self._apply_retention()
         self._counts["refresh_seconds"] = time.perf_counter() - t0
-        return loaded
+        return len(new)
 
     def _view(self, table: str) -> TableView:
         if table not in self._views:
-            self._views[table] = TableView(table, SCHEMAS.get(table))
+            self._views[table] = TableView(table, SCHEMAS.get(table), self._arena)
             self._limiters[table] = RateLimiter(self.cfg.min_size_to_sample,
                                                 self.cfg.samples_per_insert, self.cfg.error_buffer)
+            self._load_pending(table)
         return self._views[table]
 
-    def _load(self, entry: SegmentEntry) -> int:
-        self._seen.add(entry.rel_path)
+    def _load_pending(self, table: str) -> None:
+        entries = self._pending.pop(table, [])
+        opened = [(e, d) for e in entries if (d := self._open(e)) is not None]
+        kept = self._views[table].add_many(opened)
+        self._limiters[table].insert(sum(kept))
+        self._arena.release_pages()  # the key and version columns read on the way in
+
+    def _open(self, entry: SegmentEntry) -> Optional[pa.Table]:
+        """One catalogued segment, zero-copy in the arena; None if missing or quarantined."""
         if not self._loc.exists(entry.rel_path):
             self._account_missing(entry)
-            return 0
+            return None
         try:
-            data = read_segment(self._loc, entry.rel_path, entry.table, entry.rows, full=True)
+            if self._loc.local:
+                slot = self._arena.map_file(self._loc.path(entry.rel_path))
+            else:  # one GET per segment, into a memory file
+                slot = self._arena.place(self._loc.read_bytes(entry.rel_path))
+            data = ipc.open_stream(pa.BufferReader(slot.buffer())).read_all()
+            check_segment(data, entry.table, entry.rows)
         except Exception as err:  # truncated, garbage, wrong schema, wrong row count
             self._quarantine(entry, err)
-            return 0
-        kept = self._view(entry.table).add(entry, data)
-        self._limiters[entry.table].insert(kept)
-        return 1
+            return None
+        self._counts["segments_opened"] += 1
+        return data
 
     def _account_missing(self, entry: SegmentEntry) -> None:
         """A catalogued segment that is gone: evicted or quarantined by some reader, or lost."""
@@ -117,93 +151,129 @@ class ReplayStore:
         warnings.warn(f"replay: segment {src} is unreadable ({type(err).__name__}: {err}); "
                       f"moved to {dst}, reading the rest", RuntimeWarning, stacklevel=4)
 
-    # ---- retention ---------------------------------------------------------------------------
+    # ---- retention ----------------------------------------------------------------------------
 
     def _apply_retention(self) -> None:
-        """Evict whole oldest segments of each table past retention_rows/bytes/seconds."""
+        """Evict whole oldest segments of each table past retention_rows/bytes/seconds.
+
+        Tables not opened yet are trimmed from their catalog entries, without reading them.
+        """
         cfg, now = self.cfg, time.time()
-        for table, view in self._views.items():
-            while view.entries and (
-                    (cfg.retention_rows is not None and view.num_rows > cfg.retention_rows)
-                    or (cfg.retention_bytes is not None and view.nbytes > cfg.retention_bytes)
-                    or (cfg.retention_seconds is not None
-                        and view.entries[0].sealed_at < now - cfg.retention_seconds)):
-                entry, rows = view.pop_oldest()
-                # Marker first: a reader that finds the file gone then knows it was evicted.
-                self._loc.touch(f"evicted/{table}/{entry.name}")
-                try:
-                    self._loc.fs.delete_file(self._loc.path(entry.rel_path))
-                except OSError:
-                    pass  # already deleted by another reader
-                self._limiters[table].delete(rows)
-                self._counts["evicted_segments"] += 1
-                self._counts["evicted_rows"] += rows
+        for table in set(self._views) | set(self._pending):
+            view, queue = self._views.get(table), self._pending.get(table, [])
+            rows = (view.num_rows if view else 0) + sum(e.rows for e in queue)
+            nbytes = (view.nbytes if view else 0) + sum(e.bytes for e in queue)
+            while True:
+                oldest = view.segs[0].entry if view and view.segs else (queue[0] if queue else None)
+                if oldest is None or not (
+                        (cfg.retention_rows is not None and rows > cfg.retention_rows)
+                        or (cfg.retention_bytes is not None and nbytes > cfg.retention_bytes)
+                        or (cfg.retention_seconds is not None
+                            and oldest.sealed_at < now - cfg.retention_seconds)):
+                    break
+                if view and view.segs:
+                    entry, n = view.pop_oldest()
+                    self._limiters[table].delete(n)
+                else:
+                    entry, n = queue.pop(0), oldest.rows
+                rows, nbytes = rows - n, nbytes - entry.bytes
+                self._evict(entry, n)
+
+    def _evict(self, entry: SegmentEntry, rows: int) -> None:
+        # Marker first: a reader that finds the file gone then knows it was evicted.
+        self._loc.touch(f"evicted/{entry.table}/{entry.name}")
+        try:
+            self._loc.fs.delete_file(self._loc.path(entry.rel_path))
+        except OSError:
+            pass  # already deleted by another reader
+        self._counts["evicted_segments"] += 1
+        self._counts["evicted_rows"] += rows
 
     # ---- reads -------------------------------------------------------------------------------
 
     def num_rows(self, table: str) -> int:
-        """Distinct-key rows held for `table` (0 if none yet)."""
-        return self._views[table].num_rows if table in self._views else 0
+        """Distinct-key rows held for `table` (opens the table on first use)."""
+        return self._view(table).num_rows
 
     def rows_below_version(self, table: str, version: int) -> int:
         """Rows held in `table` with policy_version < `version` (0 for a table without one).
 
         Whole segments are counted from the catalog's min/max version; only segments that
-        straddle `version` look at the column.
+        straddle `version` look at their (already held) version column.
         """
-        view = self._view(table)
-        return view.rows_below(version)
+        return self._view(table).rows_below(version)
 
     def read(self, table: str, *, min_policy_version: Optional[int] = None,
              tasks: Optional[Sequence[str]] = None, envs: Optional[Sequence[str]] = None,
-             max_policy_version: Optional[int] = None) -> pa.Table:
+             max_policy_version: Optional[int] = None,
+             columns: Optional[Sequence[str]] = None) -> pa.Table:
         """All held rows of `table` passing the filters, one row per key, oldest segment first.
 
-        min/max_policy_version bound the rows' policy_version (inclusive on both ends).
+        min/max_policy_version bound the rows' policy_version (inclusive); segments whose
+        catalogued range is outside the bounds are not touched (the fresh-batch path).
+        `columns` limits what is read. Without filters the result is zero-copy over the
+        mapped segments; with filters it is a heap copy of just the matching rows.
         """
         view = self._view(table)
-        mask = view.mask(min_policy_version, tasks, envs, max_policy_version)
-        data = view.concat()
-        return data if mask is None else data.filter(pa.array(mask))
+        pool = view.pool(min_policy_version, tasks, envs, max_policy_version)
+        if pool is None:
+            data = view.concat()
+            return data if columns is None else data.select(list(columns))
+        out = view.take(pool, columns)
+        self._released(out.num_rows, out.num_columns)
+        return out
 
     def sample(self, table: str, batch_size: int, *, rng: np.random.Generator, step: int = 0,
                current_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
                envs: Optional[Sequence[str]] = None,
                priorities: Optional[np.ndarray] = None,
-               max_staleness: Optional[int] = None) -> Optional[SampledBatch]:
+               max_staleness: Optional[int] = None,
+               columns: Optional[Sequence[str]] = None) -> Optional[SampledBatch]:
         """Draw `batch_size` rows with replacement using cfg.sampler (None: nothing to draw).
 
         With `current_version`, rows with policy_version < current_version − staleness are
         left out, where staleness is `max_staleness` when given, else cfg.max_staleness.
-
         priorities: optional (num_rows(table),) scores aligned with read(table) order; they
         replace the column-derived ones (priority_key) for "prioritised", and are the quality
-        for "curriculum". Returns None when the rate limiter refuses and on_overflow="drop", or
-        when no row passes the filters.
+        for "curriculum". columns: gather only these. Returns None when the rate limiter
+        refuses and on_overflow="drop", or when no row passes the filters.
         """
         if batch_size <= 0:
             raise ValueError("sample: batch_size must be > 0")
+        staleness = self.cfg.max_staleness if max_staleness is None else max_staleness
+        if staleness is not None and staleness < 0:
+            raise ValueError(f"sample: max_staleness must be >= 0, got {staleness}")
         if not self._admit(table, batch_size):
             return None
         view = self._view(table)
         min_version = None
-        staleness = self.cfg.max_staleness if max_staleness is None else max_staleness
-        if staleness is not None and staleness < 0:
-            raise ValueError(f"sample: max_staleness must be >= 0, got {staleness}")
         if current_version is not None and staleness is not None:
             min_version = current_version - staleness
         dist = self._distribution(view, min_version, tasks, envs, step, priorities)
         if dist is None:  # e.g. every row older than max_staleness: nothing to learn from yet
             self._counts["empty_after_filters"] += 1
             return None
-        pool, probs, cdf = dist
-        draws = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
-        draws = np.minimum(draws, cdf.size - 1)
-        indices = draws if pool is None else pool[draws]
+        pool, cdf, m = dist
+        if cdf is None:
+            draws, probs = rng.integers(0, m, batch_size), np.full(batch_size, 1.0 / m)
+        else:
+            draws = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
+            draws = np.minimum(draws, m - 1)
+            probs = (cdf[draws] - np.where(draws > 0, cdf[draws - 1], 0.0)) / cdf[-1]
+        indices = (draws if pool is None else pool[draws]).astype(np.int64)
         self._limiters[table].sample(batch_size)
         self._counts["sample_batches"] += 1
         self._counts["sampled_rows"] += batch_size
-        return SampledBatch(view.take(indices), probs[draws], indices.astype(np.int64))
+        out = view.take(indices, columns)
+        self._released(batch_size, out.num_columns)
+        return SampledBatch(out, probs, indices)
+
+    def _released(self, rows: int, columns: int) -> None:
+        """Count pages a gather may have made resident; drop them all past RELEASE_BYTES."""
+        self._touched += rows * max(columns, 1) * PAGE
+        if self._touched >= RELEASE_BYTES:
+            self._arena.release_pages()
+            self._touched = 0
 
     def _admit(self, table: str, n: int) -> bool:
         """Ask the rate limiter; block (refreshing) or drop per cfg.on_overflow."""
@@ -230,18 +300,18 @@ class ReplayStore:
         return True
 
     def _distribution(self, view: TableView, min_version, tasks, envs, step, priorities):
-        """(pool (M,) int64 or None for all rows, probs (M,), cdf (M,)) for one sample call.
+        """(pool (M,) int64 or None for all rows, cdf (M,) or None for uniform, M).
 
         Cached per (view version, filters, step-if-curriculum) so a learner sampling many
-        batches between refreshes pays the O(N) priority pass once.
+        batches between refreshes pays the O(N) priority pass once. Only the cumulative
+        weights are kept (8 B/row); a drawn row's probability is its cdf step.
         """
         sampler = self.cfg.sampler
         key = (view.name, view.version, min_version, _frozen(tasks), _frozen(envs), sampler,
                step if sampler == "curriculum" else None)
         if priorities is None and key in self._cache:
             return self._cache[key]
-        mask = view.mask(min_version, tasks, envs)
-        pool = None if mask is None else np.flatnonzero(mask)
+        pool = view.pool(min_version, tasks, envs)
         m = view.num_rows if pool is None else pool.size
         if m == 0:
             return None
@@ -250,9 +320,8 @@ class ReplayStore:
             if priorities.shape != (view.num_rows,):
                 raise ValueError(f"sample: priorities must have shape ({view.num_rows},), "
                                  f"got {priorities.shape}")
-        if sampler == "uniform":
-            probs = sampling.uniform_probs(m)
-        else:
+        cdf = None
+        if sampler != "uniform":
             score = priorities if priorities is not None else self._scores(view)
             score = score if pool is None else score[pool]
             if sampler == "prioritised":
@@ -260,7 +329,8 @@ class ReplayStore:
             else:
                 quality = score if priorities is not None else score - score.min()
                 probs = sampling.curriculum_probs(quality, step, self.cfg.curriculum_anneal_steps)
-        result = (pool, probs, np.cumsum(probs))
+            cdf = np.cumsum(probs, out=probs)
+        result = (pool, cdf, m)
         if priorities is None:
             self._cache = {key: result}  # older versions are dead: keep one entry
         return result
@@ -274,17 +344,17 @@ class ReplayStore:
         reward = view.numpy("reward").astype(np.float64)
         if self.cfg.priority_key == "reward_abs":
             return np.abs(reward)
-        tasks = view.column("task_id")
-        means = pa.table({"t": tasks, "r": pa.chunked_array([reward])}).group_by("t").aggregate(
-            [("r", "mean")])
-        idx = pc.index_in(tasks, value_set=means["t"]).to_numpy()
-        return np.abs(reward - means["r_mean"].to_numpy()[idx])
+        codes = view.numpy("task_id")
+        means = np.bincount(codes, reward) / np.maximum(np.bincount(codes), 1)
+        return np.abs(reward - means[codes])
 
     # ---- reporting ---------------------------------------------------------------------------
 
     def stats(self) -> dict:
         """Rows, segments, bytes, quarantine/eviction counts, and per-table breakdowns."""
         tables = {}
+        for name in list(self._pending):
+            self._view(name)  # stats cover every table: open the ones not used yet
         for name, view in sorted(self._views.items()):
             tables[name] = {"rows": view.num_rows, "segments": len(view.entries),
                             "bytes": view.nbytes, "duplicates_dropped": view.duplicates_dropped,
@@ -317,7 +387,7 @@ def _frozen(values: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
 
 
 def _counts_of(view: TableView, column: str) -> dict:
-    if not view.blocks or column not in view.blocks[0].schema.names:
+    if not view.num_rows or column not in view.concat().schema.names:
         return {}
     counts = pc.value_counts(view.column(column))
     return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"))}

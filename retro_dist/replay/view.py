@@ -1,14 +1,17 @@
-"""TableView: the rows of one replay table as the reader holds them.
+"""TableView: the rows of one replay table as a reader holds them.
 
-Segments are appended in load order (oldest first), each stripped of keys already held, so
-row i of `concat()` is stable until the next eviction. The rows live in a list of record
-batches ("blocks") because a gather costs one `take` per block it touches: `pa.Table.take` on
-a many-chunk table concatenates every chunk first (tens of ms at 1M rows), and a block per
-small segment would make a sample cost O(segments). So a multi-batch segment is combined into
-one block, and small trailing blocks are merged Timsort-style (merge while the older block is
-at most twice the newer one) up to BLOCK_ROWS: a row is copied O(log) times at most, and a
-store of N rows has about N / BLOCK_ROWS + log2(BLOCK_ROWS) blocks. A single-batch segment on
-local disk stays memory-mapped until it is merged.
+Segments are kept in load order (oldest first), each stripped of keys already held, so row i
+of `concat()` is stable until the next eviction. The rows stay where the store put them: in an
+Arena slot (a memory-mapped segment file), never copied to the heap. What the view does keep
+on the heap is small and per row:
+
+- the key index: a sorted uint64 array of 64-bit key hashes (8 B/row, no Python strings);
+- per segment, numpy copies of the scalar columns asked for (policy_version always; reward or
+  task codes once a sampler needs them), concatenated on demand and cached until a change.
+
+Reads and samples with a version bound skip whole segments using the catalog's min/max
+policy_version (counted in `segments_skipped`), and gather rows column by column with
+gather.Layout, so a sample costs the same few numpy ops however many segments it spans.
 """
 from __future__ import annotations
 
@@ -16,89 +19,131 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 
-from retro_dist.replay.catalog import SegmentEntry, first_unseen
+from retro_dist.replay.arena import Arena
+from retro_dist.replay.catalog import SegmentEntry
+from retro_dist.replay.gather import Layout, hash_keys
 
-BLOCK_ROWS = 1 << 18
+
+class _Segment:
+    def __init__(self, entry: SegmentEntry, data: pa.Table, hashes: np.ndarray) -> None:
+        self.entry = entry
+        self.batches = [b for b in data.to_batches() if b.num_rows]
+        self.rows = data.num_rows
+        self.hashes = hashes  # (rows,) uint64, sorted copy lives in the view's index
+        self.small: dict[str, np.ndarray] = {}
+        if "policy_version" in data.column_names:
+            self.small["policy_version"] = _to_numpy(data.column("policy_version"))
+
+
+def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    return col.to_numpy() if col.num_chunks else np.zeros(0, col.type.to_pandas_dtype())
 
 
 class TableView:
-    def __init__(self, name: str, schema: Optional[pa.Schema] = None) -> None:
+    def __init__(self, name: str, schema: Optional[pa.Schema] = None,
+                 arena: Optional[Arena] = None) -> None:
         self.name = name
         self.schema = schema
-        self.entries: list[SegmentEntry] = []
-        self.kept: list[int] = []  # rows each entry contributes after dedup
-        self.blocks: list[pa.RecordBatch] = []
-        self.keys: set[str] = set()
+        self.arena = arena or Arena(1 << 34)
+        self.segs: list[_Segment] = []
+        self.index = np.zeros(0, np.uint64)  # sorted hashes of every held key
         self.version = 0  # bumped on every change; keys the store's caches
         self.duplicates_dropped = 0
-        self._offsets = np.zeros(1, dtype=np.int64)  # (len(blocks) + 1,) first row of each block
-        self._columns: dict[str, np.ndarray] = {}
+        self.segments_scanned = 0  # segments whose policy_version column a filter read
+        self.segments_skipped = 0  # segments a version filter left out from their catalog range
+        self._starts = np.zeros(1, np.int64)  # (segments + 1,) first row of each segment
+        self._bstarts = np.zeros(1, np.int64)  # (batches + 1,) first row of each record batch
+        self._batches: list[pa.RecordBatch] = []
+        self._cache: dict[str, object] = {}
+        self._codes: dict[str, dict[str, int]] = {}  # string column -> value -> code
 
     # ---- membership --------------------------------------------------------------------------
 
+    @property
+    def entries(self) -> list[SegmentEntry]:
+        return [s.entry for s in self.segs]
+
+    @property
+    def kept(self) -> list[int]:
+        return [s.rows for s in self.segs]
+
     def add(self, entry: SegmentEntry, data: pa.Table) -> int:
         """Append one segment, dropping rows whose key is already held. Returns rows kept."""
-        keys = data.column("key").to_pylist()
-        fresh = set(keys)
-        if len(fresh) != len(keys) or not self.keys.isdisjoint(fresh):
-            data = data.take(pa.array(first_unseen(data.column("key"), fresh & self.keys)))
-            self.duplicates_dropped += len(keys) - data.num_rows
-            fresh = set(data.column("key").to_pylist())
-        self.keys |= fresh
-        self.entries.append(entry)
-        self.kept.append(data.num_rows)
-        batches = [b for b in data.to_batches() if b.num_rows]
-        if batches:
-            self.blocks.append(batches[0] if len(batches) == 1 else pa.concat_batches(batches))
-            self._merge_tail()
-        self._changed()
-        return data.num_rows
+        return self.add_many([(entry, data)])[0]
 
-    def _merge_tail(self) -> None:
-        b = self.blocks
-        while (len(b) >= 2 and b[-2].num_rows <= 2 * b[-1].num_rows
-               and b[-2].num_rows + b[-1].num_rows <= BLOCK_ROWS):
-            b[-2:] = [pa.concat_batches(b[-2:])]
+    def add_many(self, items: list[tuple[SegmentEntry, pa.Table]]) -> list[int]:
+        """Append segments in order, each row kept unless its key is held or came earlier.
+
+        One dedup pass over all of them: a bulk open sorts the new hashes once.
+        """
+        if not items:
+            return []
+        items = [(e, d if self._in_arena(d) else self._rewrite(d)) for e, d in items]
+        hashes = [hash_keys(d.column("key")) for _, d in items]
+        flat = np.concatenate(hashes)
+        keep = np.zeros(flat.size, bool)
+        keep[np.unique(flat, return_index=True)[1]] = True  # first occurrence wins
+        if self.index.size:
+            pos = np.minimum(np.searchsorted(self.index, flat), self.index.size - 1)
+            keep &= self.index[pos] != flat
+        out, start = [], 0
+        for (entry, data), h in zip(items, hashes):
+            k = keep[start:start + h.size]
+            start += h.size
+            if not k.all():
+                self.duplicates_dropped += int((~k).sum())
+                data, h = self._rewrite(data.filter(pa.array(k))), h[k]
+            self.segs.append(_Segment(entry, data, h))
+            out.append(data.num_rows)
+        self.index = np.sort(np.concatenate([self.index, flat[keep]]), kind="stable") \
+            if flat.size > self.index.size // 8 else _insert_sorted(self.index, flat[keep])
+        self._changed()
+        return out
+
+    def _in_arena(self, data: pa.Table) -> bool:
+        buf = data.column("key").chunks[0].buffers()[1] if data.num_rows else None
+        return buf is None or 0 <= buf.address - self.arena.base < self.arena.top
+
+    def _rewrite(self, data: pa.Table) -> pa.Table:
+        """A deduplicated copy of a segment, placed in the arena so gathers can reach it."""
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, data.schema) as w:
+            w.write_table(data)
+        slot = self.arena.place(sink.getvalue())
+        return ipc.open_stream(pa.BufferReader(slot.buffer())).read_all()
 
     def pop_oldest(self) -> tuple[SegmentEntry, int]:
         """Drop the oldest segment's rows (the first rows of the view). Returns (entry, rows)."""
-        entry, rows = self.entries.pop(0), self.kept.pop(0)
-        left, gone = rows, []
-        while left:
-            first = self.blocks[0]
-            if first.num_rows <= left:
-                gone.append(self.blocks.pop(0).column("key"))
-                left -= first.num_rows
-            else:
-                gone.append(first.slice(0, left).column("key"))
-                self.blocks[0] = first.slice(left)
-                left = 0
-        for k in gone:
-            self.keys.difference_update(k.to_pylist())
+        seg = self.segs.pop(0)
+        if seg.hashes.size:  # every held hash is in the index exactly once
+            self.index = np.delete(self.index, np.searchsorted(self.index, seg.hashes))
         self._changed()
-        return entry, rows
+        return seg.entry, seg.rows
 
     def _changed(self) -> None:
         self.version += 1
-        sizes = [b.num_rows for b in self.blocks]
-        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-        self._columns.clear()
+        self._starts = np.concatenate([[0], np.cumsum([s.rows for s in self.segs])]).astype(np.int64)
+        self._batches = [b for s in self.segs for b in s.batches]
+        sizes = [b.num_rows for b in self._batches]
+        self._bstarts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._cache.clear()
 
     # ---- reading -----------------------------------------------------------------------------
 
     @property
     def num_rows(self) -> int:
-        return int(self._offsets[-1])
+        return int(self._starts[-1])
 
     @property
     def nbytes(self) -> int:
-        return sum(e.bytes for e in self.entries)
+        return sum(s.entry.bytes for s in self.segs)
 
     def concat(self) -> pa.Table:
-        if self.blocks:
-            return pa.Table.from_batches(self.blocks)
+        """Every held row, zero-copy over the arena (valid while this view holds them)."""
+        if self._batches:
+            return pa.Table.from_batches(self._batches)
         if self.schema is None:
             raise KeyError(f"replay table {self.name!r} is empty and has no known schema")
         return self.schema.empty_table()
@@ -107,56 +152,127 @@ class TableView:
         return self.concat().column(name)
 
     def numpy(self, name: str) -> np.ndarray:
-        """(N,) numpy copy of a scalar column, cached until the view changes."""
-        if name not in self._columns:
-            self._columns[name] = self.column(name).to_numpy()
-        return self._columns[name]
+        """(N,) numpy copy of a scalar column (codes for a string one), cached until a change."""
+        key = f"np:{name}"
+        if key not in self._cache:
+            parts = [self._small(s, name) for s in self.segs]
+            self._cache[key] = np.concatenate(parts) if parts else np.zeros(0)
+        return self._cache[key]
+
+    def _small(self, seg: _Segment, name: str) -> np.ndarray:
+        if name not in seg.small:
+            col = pa.chunked_array([b.column(name) for b in seg.batches],
+                                   type=self._field_type(name))
+            if pa.types.is_string(col.type):
+                codes = self._codes.setdefault(name, {})
+                enc = col.combine_chunks().dictionary_encode() if len(col) else None
+                if enc is None:
+                    seg.small[name] = np.zeros(0, np.int32)
+                else:
+                    mapping = np.array([codes.setdefault(v, len(codes))
+                                        for v in enc.dictionary.to_pylist()], np.int32)
+                    seg.small[name] = mapping[enc.indices.to_numpy()]
+            else:
+                seg.small[name] = _to_numpy(col)
+        return seg.small[name]
+
+    def _field_type(self, name: str) -> pa.DataType:
+        if self._batches:
+            return self._batches[0].schema.field(name).type
+        return self.schema.field(name).type
+
+    def codes_of(self, column: str, values: Sequence[str]) -> np.ndarray:
+        """Codes of `values` in a string column (values never seen get no code)."""
+        codes = self._codes.get(column, {})
+        return np.array([codes[v] for v in values if v in codes], np.int32)
 
     def rows_below(self, version: int) -> int:
         """Rows with policy_version < version: whole segments from their catalog range."""
-        total, start = 0, 0
-        for entry, kept in zip(self.entries, self.kept):
-            if entry.max_version is not None and entry.max_version < version:
-                total += kept
-            elif entry.min_version is not None and entry.min_version < version:
-                total += int((self.numpy("policy_version")[start:start + kept] < version).sum())
-            start += kept
+        total = 0
+        for s in self.segs:
+            lo, hi = s.entry.min_version, s.entry.max_version
+            if hi is not None and hi < version:
+                total += s.rows
+            elif lo is None or lo < version:
+                v = s.small.get("policy_version")
+                total += 0 if v is None else int((v < version).sum())
         return total
 
-    def mask(self, min_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
+    def pool(self, min_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
              envs: Optional[Sequence[str]] = None,
              max_version: Optional[int] = None) -> Optional[np.ndarray]:
-        """(N,) bool of rows passing the filters, or None when there are no filters."""
+        """Sorted row positions passing the filters, or None when there are no filters.
+
+        Segments whose catalog version range lies outside [min_version, max_version] are
+        skipped without a look at their rows; those inside it are taken whole.
+        """
         if min_version is None and tasks is None and envs is None and max_version is None:
             return None
-        keep = np.ones(self.num_rows, dtype=bool)
-        if min_version is not None:
-            keep &= self.numpy("policy_version") >= min_version
-        if max_version is not None:
-            keep &= self.numpy("policy_version") <= max_version
-        for col, allowed in (("task_id", tasks), ("env_name", envs)):
-            if allowed is not None:
-                hit = pc.is_in(self.column(col), value_set=pa.array(list(allowed), pa.string()))
-                keep &= hit.to_numpy(zero_copy_only=False).astype(bool)
-        return keep
+        allowed = {}
+        for col, values in (("task_id", tasks), ("env_name", envs)):
+            if values is not None:
+                self.numpy(col)  # codes every segment's values first
+                allowed[col] = self.codes_of(col, values)
+        parts = []
+        for s, start in zip(self.segs, self._starts[:-1]):
+            lo, hi = s.entry.min_version, s.entry.max_version
+            if ((min_version is not None and hi is not None and hi < min_version)
+                    or (max_version is not None and lo is not None and lo > max_version)):
+                self.segments_skipped += 1
+                continue
+            keep = None
+            if not ((min_version is None or (lo is not None and lo >= min_version))
+                    and (max_version is None or (hi is not None and hi <= max_version))):
+                self.segments_scanned += 1
+                v = s.small["policy_version"]
+                keep = np.ones(s.rows, bool)
+                if min_version is not None:
+                    keep &= v >= min_version
+                if max_version is not None:
+                    keep &= v <= max_version
+            for col, codes in allowed.items():
+                hit = np.isin(self._small(s, col), codes)
+                keep = hit if keep is None else keep & hit
+            parts.append(start + (np.arange(s.rows) if keep is None else np.flatnonzero(keep)))
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    def take(self, indices: np.ndarray) -> pa.Table:
-        """Rows at `indices` (B,) into concat(), in that order (repeats allowed)."""
+    def take(self, indices: np.ndarray, columns: Optional[Sequence[str]] = None) -> pa.Table:
+        """Rows at `indices` (B,) into concat(), in that order (repeats allowed), as heap copies."""
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size == 0:
-            return self.concat().slice(0, 0)
-        order = np.argsort(indices, kind="stable")
-        ordered = indices[order]
-        blk = np.searchsorted(self._offsets, ordered, side="right") - 1
-        cuts = np.flatnonzero(np.diff(blk)) + 1
-        pieces = []
-        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, ordered.size]):
-            b = int(blk[start])
-            pieces.append(self.blocks[b].take(pa.array(ordered[start:stop] - self._offsets[b])))
-        gathered = pa.Table.from_batches(pieces).combine_chunks()
+        schema = self._batches[0].schema if self._batches else self.concat().schema
+        names = list(columns) if columns is not None else schema.names
+        if indices.size == 0 or not self._batches:
+            return self.concat().select(names).slice(0, 0)
+        b = np.searchsorted(self._bstarts, indices, side="right") - 1
+        r = indices - self._bstarts[b]
+        arrays = []
+        for name in names:
+            layout = self._layout(name)
+            arrays.append(layout.gather(self.arena, b, r) if layout is not None
+                          else self._slow_take(name, b, r))
+        return pa.Table.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in names]))
+
+    def _layout(self, name: str) -> Optional[Layout]:
+        key = f"layout:{name}"
+        if key not in self._cache:
+            self._cache[key] = Layout.build(self.arena, [b.column(name) for b in self._batches])
+        return self._cache[key]
+
+    def _slow_take(self, name: str, b: np.ndarray, r: np.ndarray) -> pa.Array:
+        """Per-batch Arrow take, for a column gather.Layout does not cover."""
+        order = np.argsort(b, kind="stable")
+        cuts = np.flatnonzero(np.diff(b[order])) + 1
+        pieces = [self._batches[int(b[order[s]])].column(name).take(pa.array(r[order[s:e]]))
+                  for s, e in zip(np.r_[0, cuts], np.r_[cuts, order.size])]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        return gathered.take(pa.array(inverse))
+        return pa.concat_arrays(pieces).take(pa.array(inverse))
 
 
-__all__ = ["TableView", "BLOCK_ROWS"]
+def _insert_sorted(index: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Merge a few new hashes into the sorted index: O(N) copy, no re-sort."""
+    new = np.sort(new)
+    return np.insert(index, np.searchsorted(index, new), new)
+
+
+__all__ = ["TableView"]

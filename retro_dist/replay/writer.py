@@ -2,7 +2,8 @@
 
 Each (writer, table) has at most one open segment, an Arrow IPC stream under a temp name.
 Sealing = close the stream, fsync, atomic rename to the final name, then rewrite this writer's
-catalog file (the commit point, see catalog.py). The last three steps run on one background
+catalog file (the commit point, see catalog.py). On an object store the segment is uploaded
+under its final name (no rename: S3 has none), and the catalog PUT alone commits it. The last three steps run on one background
 "sealer" thread, in order, so append() does not stall on the disk; `seal()` waits for them.
 A crash therefore loses at most rows the caller never saw acknowledged (`committed_rows` did
 not count them yet) and resends; keys already stored by this writer are dropped on the way
@@ -35,7 +36,8 @@ class _OpenSegment:
                  schema: pa.Schema) -> None:
         self.table, self.name, self.seq = table, name, seq
         self.rel = f"segments/{table}/{name}"
-        self.tmp_rel = self.rel + TMP_SUFFIX
+        # Object stores: the upload under the final name is invisible until it completes.
+        self.tmp_rel = self.rel + TMP_SUFFIX if loc.local else self.rel
         self.sink = loc.fs.open_output_stream(loc.path(self.tmp_rel), compression=None)
         self.stream = ipc.new_stream(self.sink, schema)
         self.rows = 0
@@ -89,9 +91,10 @@ class ReplayWriter:
     def _recover(self) -> None:
         """Pick up where an earlier process with this writer_id stopped.
 
-        Its temp segments were never acknowledged: delete them (the caller resends). A segment
-        renamed but not yet catalogued (killed between the two steps) is complete and fsynced:
-        adopt it. Sequence numbers continue past every file seen, so nothing is overwritten.
+        Its temp segments were never acknowledged: delete them (the caller resends). On local
+        disk a segment renamed but not yet catalogued (killed between the two steps) is
+        complete and fsynced: adopt it. On an object store every uncatalogued segment is
+        deleted (its rows were never acknowledged either). Sequence numbers continue past every file seen, so nothing is overwritten.
         """
         listed = {e.name for e in self._catalog.segments}
         adopted = False
@@ -102,7 +105,9 @@ class ReplayWriter:
             seq, is_temp = parsed
             self._catalog.next_seq = max(self._catalog.next_seq, seq + 1)
             table = os.path.basename(os.path.dirname(info.path))
-            if is_temp:
+            if is_temp or (info.base_name not in listed and not self._loc.local):
+                # Never acknowledged. On an object store an uncatalogued object may also be an
+                # abandoned upload that a destructor completed: only the catalog commits.
                 self._loc.fs.delete_file(info.path)
             elif info.base_name not in listed:
                 adopted |= self._adopt(table, info.base_name, seq, info.size)
@@ -233,10 +238,11 @@ class ReplayWriter:
         self._reap(wait=False)
 
     def _commit(self, seg: _OpenSegment) -> None:
-        """Sealer thread: fsync, atomic rename, then the catalog write that commits."""
-        self._loc.fsync(seg.tmp_rel)
-        self._loc.fs.move(self._loc.path(seg.tmp_rel), self._loc.path(seg.rel))
-        self._loc.fsync(f"segments/{seg.table}", directory=True)
+        """Sealer thread: fsync, atomic rename (local disk), then the catalog write that commits."""
+        if seg.tmp_rel != seg.rel:
+            self._loc.fsync(seg.tmp_rel)
+            self._loc.fs.move(self._loc.path(seg.tmp_rel), self._loc.path(seg.rel))
+            self._loc.fsync(f"segments/{seg.table}", directory=True)
         entry = SegmentEntry(seg.table, seg.name, self.writer_id, seg.seq, seg.rows,
                              seg.nbytes_final, time.time(), seg.min_version, seg.max_version)
         with self._lock:

@@ -213,8 +213,9 @@ def test_truncated_and_garbage_segments_quarantined(tmp_path):
         f.truncate(os.path.getsize(truncated) // 2)
     with open(garbage, "wb") as f:
         f.write(os.urandom(500))
+    store = ReplayStore(root, ReplayConfig())  # a table's segments open on its first use
     with pytest.warns(RuntimeWarning) as caught:
-        store = ReplayStore(root, ReplayConfig())
+        store.num_rows(T)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 2
     assert any(truncated in m for m in messages) and any(garbage in m for m in messages)

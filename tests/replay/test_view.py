@@ -1,10 +1,15 @@
-"""TableView: block compaction keeps row order, bounds the block count, and evicts exactly."""
+"""TableView: row order, hash-index dedup and eviction, and the numpy gather against Arrow's take."""
 import numpy as np
 import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from retro_dist.replay import view as view_mod
+from retro_dist.replay.arena import Arena
 from retro_dist.replay.catalog import SegmentEntry
+from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.view import TableView
+
+ARENA = Arena(1 << 32)
 
 
 def segment(lo: int, hi: int, batch_rows: int = 3) -> pa.Table:
@@ -13,40 +18,92 @@ def segment(lo: int, hi: int, batch_rows: int = 3) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=batch_rows))
 
 
-def entry(seq: int, rows: int) -> SegmentEntry:
-    return SegmentEntry("t", f"w-{seq:08d}.arrows", "w", seq, rows, rows * 10, float(seq))
+def entry(seq: int, rows: int, lo=None, hi=None) -> SegmentEntry:
+    return SegmentEntry("t", f"w-{seq:08d}.arrows", "w", seq, rows, rows * 10, float(seq), lo, hi)
 
 
-def test_many_small_segments_stay_few_blocks_in_order(monkeypatch):
-    monkeypatch.setattr(view_mod, "BLOCK_ROWS", 64)
-    v, start = TableView("t"), 0
+def test_many_segments_keep_order_and_gather_across_them():
+    v, start = TableView("t", arena=ARENA), 0
     rng = np.random.default_rng(0)
     for seq in range(200):
         n = int(rng.integers(1, 9))
         v.add(entry(seq, n), segment(start, start + n))
         start += n
-        # full blocks + a Timsort-like tail: the tail shrinks geometrically
-        assert len(v.blocks) <= start // 32 + 2 + int(np.log2(64)) * 2
     assert v.concat()["x"].to_pylist() == list(range(start))
-    idx = rng.integers(0, start, 50)
-    assert v.take(idx)["x"].to_pylist() == idx.tolist()
+    idx = rng.integers(0, start, 500)
+    got = v.take(idx)
+    assert got["x"].to_pylist() == idx.tolist()
+    assert got["key"].to_pylist() == [f"k{i}" for i in idx]
+    assert v.take(idx, columns=["x"]).column_names == ["x"]
 
 
-def test_pop_oldest_slices_merged_blocks_and_forgets_keys():
-    v = TableView("t")
+def test_pop_oldest_forgets_keys():
+    v = TableView("t", arena=ARENA)
     for seq, (lo, hi) in enumerate([(0, 5), (5, 7), (7, 12)]):
         v.add(entry(seq, hi - lo), segment(lo, hi))
-    assert len(v.blocks) == 1  # merged: 5 <= 2 * 2, then 7 <= 2 * 5
     assert v.pop_oldest()[1] == 5
     assert v.concat()["x"].to_pylist() == list(range(5, 12))
-    assert "k0" not in v.keys and "k5" in v.keys
+    assert v.index.size == 7
     assert v.add(entry(9, 3), segment(0, 3)) == 3  # evicted keys may be stored again
     assert v.add(entry(10, 2), segment(5, 7)) == 0  # held keys may not
     assert v.duplicates_dropped == 2
 
 
-def test_duplicate_keys_inside_a_segment_keep_the_first():
-    v = TableView("t")
+def test_duplicates_inside_and_across_segments_keep_the_first():
+    v = TableView("t", arena=ARENA)
     data = pa.table({"key": ["a", "b", "a", "c", "b"], "x": [0, 1, 2, 3, 4]})
-    assert v.add(entry(0, 5), data) == 3
-    assert v.concat()["x"].to_pylist() == [0, 1, 3]
+    more = pa.table({"key": ["c", "d", "d"], "x": [5, 6, 7]})
+    assert v.add_many([(entry(0, 5), data), (entry(1, 3), more)]) == [3, 1]
+    assert v.concat()["x"].to_pylist() == [0, 1, 3, 6]
+    assert v.take(np.array([3, 0, 3]))["key"].to_pylist() == ["d", "a", "d"]
+
+
+def test_version_filter_skips_whole_segments():
+    v = TableView("t", arena=ARENA)
+    for seq in range(10):
+        t = segment(seq * 4, seq * 4 + 4).append_column(
+            "policy_version", pa.array(np.full(4, seq, np.int64)))
+        v.add(entry(seq, 4, seq, seq), t)
+    pool = v.pool(min_version=8)
+    assert pool.tolist() == list(range(32, 40))
+    assert v.segments_skipped == 8 and v.segments_scanned == 0  # 8, 9: whole, unread
+
+
+def test_hash_keys_distinct_and_stable():
+    keys = [f"run/w{i % 7}/e{i}/t{i % 3}" for i in range(50_000)] + ["", "a", "a\x00", "\x00a"]
+    h = hash_keys(pa.array(keys))
+    assert np.unique(h).size == len(keys)
+    assert np.array_equal(hash_keys(pa.array(keys[::-1]))[::-1], h)
+    assert np.array_equal(hash_keys(pa.chunked_array([keys[:10], keys[10:20]])), h[:20])
+
+
+_VALUES = st.one_of(st.none(), st.integers(-5, 5))
+
+
+@given(st.lists(st.tuples(_VALUES, st.one_of(st.none(), st.text(max_size=4)),
+                          st.one_of(st.none(), st.lists(st.one_of(st.none(), st.text(max_size=3)),
+                                                        max_size=3)),
+                          st.one_of(st.none(), st.booleans())), min_size=1, max_size=40),
+       st.integers(1, 7), st.data())
+@settings(max_examples=40, deadline=None)
+def test_gather_matches_arrow_take(rows, batch_rows, data):
+    """Nulls, strings, nested lists, bools, over several segments and batches."""
+    n = len(rows)
+    table = pa.table({
+        "key": pa.array([f"k{i}" for i in range(n)]),
+        "i": pa.array([r[0] for r in rows], pa.int64()),
+        "f": pa.array([None if r[0] is None else r[0] / 3 for r in rows], pa.float32()),
+        "s": pa.array([r[1] for r in rows], pa.string()),
+        "ls": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+        "li": pa.array([None if r[2] is None else [len(x or "") for x in r[2]] for r in rows],
+                       pa.list_(pa.int32())),
+        "b": pa.array([r[3] for r in rows], pa.bool_()),
+    })
+    v, cut = TableView("t", arena=ARENA), data.draw(st.integers(0, n))
+    for seq, part in enumerate([table.slice(0, cut), table.slice(cut)]):
+        if part.num_rows:
+            v.add(entry(seq, part.num_rows),
+                  pa.Table.from_batches(part.to_batches(max_chunksize=batch_rows)))
+    idx = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=30)), np.int64)
+    got = v.take(idx)
+    assert got.equals(table.take(pa.array(idx, pa.int64())))

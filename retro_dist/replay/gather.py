@@ -1,0 +1,181 @@
+"""Vectorised row gather over Arrow record batches that live in one Arena, and key hashing.
+
+A `Layout` records, for one column and every record batch of a table, where the column's
+buffers sit in the arena (as element indices into a typed numpy view of it). Gathering rows
+(b_i, r_i) (batch, row in batch) is then one fancy index per buffer, the same work for 3
+segments or 3000: fixed-width values read `view[base[b] + r]`; strings and lists read their
+two offsets, then every value between them (`np.repeat` + `arange`), and a list recurses into
+its child with the child row ranges. The output arrays are fresh heap copies in the order
+asked, so a sampled batch never points into a segment that retention may unmap.
+
+Supported: fixed-width primitives, bool, string/binary, and lists of any of them (nested),
+each with or without nulls. Anything else (or a buffer outside the arena) makes
+`Layout.build` return None and the view falls back to Arrow's per-batch take.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.types as pt
+
+from retro_dist.replay.arena import Arena
+
+_HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
+_HASH_MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def _rel(arena: Arena, buf: Optional[pa.Buffer], width: int,
+         need: int = 0) -> Optional[int]:
+    """Element index of `buf` in the arena's `width`-byte view, or None if not placeable
+    (outside the arena, misaligned, or shorter than the `need` bytes a gather may read)."""
+    if buf is None or buf.size < need:
+        return None
+    off = buf.address - arena.base
+    if off < 0 or off + buf.size > arena.top or off % width:
+        return None
+    return off // width
+
+
+class Layout:
+    """Where one column's buffers are, per record batch (arrays indexed by batch number)."""
+
+    def __init__(self, dtype: pa.DataType, kind: str, width: int, validity: Optional[np.ndarray],
+                 values: np.ndarray, offsets: Optional[np.ndarray] = None,
+                 child: Optional["Layout"] = None) -> None:
+        self.dtype, self.kind, self.width = dtype, kind, width
+        self.validity = validity  # (n_batches,) absolute bit index of row 0, -1 = no bitmap
+        self.values = values  # (n_batches,) element index (bits for bool) of row 0's value
+        self.offsets = offsets  # (n_batches,) int32 index of row 0's offset (strings, lists)
+        self.child = child
+
+    @classmethod
+    def build(cls, arena: Arena, arrays: Sequence[pa.Array]) -> Optional["Layout"]:
+        """Layout of one column over its per-batch arrays (same type), or None if unsupported."""
+        dtype = arrays[0].type
+        validity = []
+        for a in arrays:
+            bufs = a.buffers()
+            v = _rel(arena, bufs[0], 1, (a.offset + len(a) + 7) // 8) if a.null_count else None
+            if a.null_count and v is None:
+                return None
+            validity.append(-1 if v is None else v * 8 + a.offset)
+        validity_arr = np.array(validity, np.int64) if any(v >= 0 for v in validity) else None
+        if pt.is_boolean(dtype) or (pt.is_primitive(dtype) and dtype.bit_width in (8, 16, 32, 64)):
+            width = 1 if pt.is_boolean(dtype) else dtype.bit_width // 8
+            need = [(a.offset + len(a) + 7) // 8 if width == 1 and pt.is_boolean(dtype)
+                    else (a.offset + len(a)) * width for a in arrays]
+            base = [_rel(arena, a.buffers()[1], width, k) for a, k in zip(arrays, need)]
+            if any(b is None for b in base):
+                return None
+            if pt.is_boolean(dtype):
+                vals = np.array([b * 8 + a.offset for b, a in zip(base, arrays)], np.int64)
+                return cls(dtype, "bool", 1, validity_arr, vals)
+            vals = np.array([b + a.offset for b, a in zip(base, arrays)], np.int64)
+            return cls(dtype, "fixed", width, validity_arr, vals)
+        if pt.is_string(dtype) or pt.is_binary(dtype) or pt.is_list(dtype):
+            offs = [_rel(arena, a.buffers()[1], 4, (a.offset + len(a) + 1) * 4) for a in arrays]
+            if any(o is None for o in offs):
+                return None
+            offs = np.array([o + a.offset for o, a in zip(offs, arrays)], np.int64)
+            if pt.is_list(dtype):
+                child = cls.build(arena, [a.values for a in arrays])
+                if child is None:
+                    return None
+                return cls(dtype, "list", 4, validity_arr, np.zeros(len(arrays), np.int64), offs,
+                           child)
+            # no data buffer: every string is empty, so no byte is ever read from it
+            data = [0 if a.buffers()[2] is None else _rel(arena, a.buffers()[2], 1)
+                    for a in arrays]
+            if any(d is None for d in data):
+                return None
+            return cls(dtype, "bytes", 1, validity_arr, np.array(data, np.int64), offs)
+        return None
+
+    def gather(self, arena: Arena, b: np.ndarray, r: np.ndarray) -> pa.Array:
+        """Values at rows `r` (n,) of batches `b` (n,), as one contiguous Arrow array."""
+        n = int(r.size)
+        valid = None
+        if self.validity is not None:
+            bits = self.validity[b]
+            has = bits >= 0  # batches without a bitmap have no nulls: read nothing for them
+            valid = np.ones(n, bool)
+            pos = bits[has] + r[has]
+            valid[has] = (arena.u8[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1
+        nulls = 0 if valid is None else int(n - valid.sum())
+        vbuf = None if not nulls else pa.py_buffer(np.packbits(valid, bitorder="little"))
+        if self.kind == "fixed":
+            vals = arena.view(f"u{self.width}")[self.values[b] + r]
+            return pa.Array.from_buffers(self.dtype, n, [vbuf, pa.py_buffer(vals)], nulls)
+        if self.kind == "bool":
+            pos = self.values[b] + r
+            bits = ((arena.u8[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).astype(bool)
+            return pa.Array.from_buffers(self.dtype, n, [vbuf, pa.py_buffer(
+                np.packbits(bits, bitorder="little"))], nulls)
+        i32 = arena.view(np.int32)
+        first = self.offsets[b] + r
+        start = i32[first].astype(np.int64)
+        lens = i32[first + 1] - start
+        out = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=out[1:])
+        total = int(out[-1])
+        inner = np.repeat(start - out[:-1], lens) + np.arange(total, dtype=np.int64)
+        obuf = pa.py_buffer(out.astype(np.int32))
+        if self.kind == "bytes":
+            data = arena.u8[np.repeat(self.values[b], lens) + inner]
+            return pa.Array.from_buffers(self.dtype, n, [vbuf, obuf, pa.py_buffer(data)], nulls)
+        child = self.child.gather(arena, np.repeat(b, lens), inner)
+        return pa.Array.from_buffers(self.dtype, n, [vbuf, obuf], nulls, children=[child])
+
+
+def hash_keys(keys: pa.Array) -> np.ndarray:
+    """(n,) uint64 hash of each string (64-bit, so the key index needs no Python strings).
+
+    Reads the string bytes 8 at a time (the tail word zero-padded) and mixes in the length;
+    two distinct keys collide with probability ~2^-64 per pair.
+    """
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    n = len(keys)
+    offs = np.frombuffer(keys.buffers()[1], np.int32, n + 1, keys.offset * 4).astype(np.int64)
+    data_buf = keys.buffers()[2]
+    data = np.zeros(0, np.uint8) if data_buf is None else np.frombuffer(data_buf, np.uint8)
+    data = np.concatenate([data, np.zeros(8, np.uint8)])
+    start, lens = offs[:-1], offs[1:] - offs[:-1]
+    h = lens.astype(np.uint64) * _HASH_MULT
+    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(8))
+    for j in range(0, int(lens.max(initial=0)), 8):
+        idx = start[:, None] + j + np.arange(8)
+        byte = data[np.minimum(idx, data.size - 1)].astype(np.uint64)
+        byte[np.arange(8) + j >= lens[:, None]] = 0
+        word = (byte << shifts).sum(axis=1, dtype=np.uint64)
+        h = (h ^ word) * _HASH_MULT
+        h ^= h >> np.uint64(31)
+        h *= _HASH_MIX
+        h ^= h >> np.uint64(29)
+    return h
+
+
+
+
+
+def check_offsets(arr: pa.Array) -> None:
+    """Raise if a string/list array's offsets could send a gather outside its buffers.
+
+    Arrow's cheap `validate()` checks buffer sizes, not offset values; a segment damaged in
+    place must fail here, at load, and not as a wild read in a later gather.
+    """
+    t = arr.type
+    if not (pt.is_string(t) or pt.is_binary(t) or pt.is_list(t)) or len(arr) == 0:
+        return
+    offs = np.frombuffer(arr.buffers()[1], np.int32, len(arr) + 1, arr.offset * 4)
+    if pt.is_list(t):
+        limit = len(arr.values)
+    else:
+        data = arr.buffers()[2]
+        limit = 0 if data is None else data.size
+    if offs[0] < 0 or offs[-1] > limit or np.any(offs[1:] < offs[:-1]):
+        raise ValueError(f"column of type {t}: offsets out of order or out of bounds")
+    if pt.is_list(t):
+        check_offsets(arr.values)
+__all__ = ["Layout", "hash_keys", "check_offsets"]

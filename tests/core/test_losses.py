@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from retro_dist.core.losses import ppo_clip_loss, reinforce_loss, token_logprobs
+from retro_dist.core.losses import ppo_clip_loss, reinforce_loss, target_logprobs, token_logprobs
 
 
 def slow_reinforce(logp, beh, adv, lengths, n, cap):
@@ -97,3 +97,40 @@ def test_ppo_clip_stops_gradient_outside_the_trust_region():
     loss, stats = ppo_clip_loss(logp, beh, torch.tensor([1.0]), torch.ones(1, 1), 1, clip_eps=0.2)
     loss.backward()
     assert logp.grad.abs().item() == 0.0 and stats.clip_fraction == 1.0
+
+
+def _head_case(dtype=torch.float32, n=37, h=8, v=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype)
+    weight = torch.randn(v, h, generator=g, dtype=dtype)
+    bias = torch.randn(v, generator=g, dtype=dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_chunked_target_logprobs_equal_full_log_softmax_and_its_gradient(chunk):
+    hidden, weight, bias, targets = _head_case()
+    h1, w1, b1 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    full = torch.log_softmax(h1 @ w1.T + b1, -1).gather(-1, targets[:, None]).squeeze(-1)
+    coef = torch.linspace(-1, 2, len(targets))
+    (full * coef).sum().backward()
+    h2, w2, b2 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    got = target_logprobs(h2, w2, targets, b2, chunk_rows=chunk)
+    (got * coef).sum().backward()
+    assert torch.allclose(got, full, atol=1e-5)
+    for a, b in ((h1, h2), (w1, w2), (b1, b2)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_gradcheck_chunked_target_logprobs():
+    hidden, weight, bias, targets = _head_case(torch.float64, n=6, h=3, v=7)
+    args = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(lambda h, w, b: target_logprobs(h, w, targets, b, chunk_rows=4), args)
+
+
+def test_chunked_target_logprobs_are_fp32_from_bf16_hidden_states():
+    hidden, weight, _, targets = _head_case()
+    got = target_logprobs(hidden.bfloat16(), weight, targets)
+    ref = torch.log_softmax(hidden.bfloat16().float() @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-5)

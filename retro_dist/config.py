@@ -161,13 +161,19 @@ class LearnerConfig:
     device: str = "auto"
     """`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`."""
     num_gpus: float = 0.0
-    """Ray GPUs reserved for the learner."""
+    """Ray GPUs for the learner; a whole number > 1 runs that many data-parallel learner processes (one GPU each, NCCL)."""
     lr: float = 5e-4
     """AdamW learning rate on the LoRA parameters."""
     batch_size: int = 16
     """Reflection samples per gradient step."""
     micro_batch_size: int = 8
-    """Samples per forward pass (gradients are accumulated)."""
+    """Most samples per forward pass (gradients are accumulated)."""
+    micro_batch_tokens: Optional[int] = None
+    """Most padded tokens (rows × longest row) per forward pass; rows are sorted by length and packed up to it (null: rows only)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Forward-pass precision: `auto` = bf16 autocast on CUDA, fp32 on CPU; master weights and the LM head's log-softmax stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute the transformer's activations in the backward pass (less memory for long prompts, ~30% more compute)."""
     updates_per_iteration: int = 2
     """Gradient steps per iteration (one policy version per iteration)."""
     loss: Literal["reinforce", "ppo_clip"] = "reinforce"
@@ -187,7 +193,7 @@ class LearnerConfig:
     sft_iterations: int = 0
     """Warm start (the paper's SFT stage): the first n iterations maximise the likelihood of positively rewarded reflections in the store."""
     probe_tolerance: float = 2e-2
-    """Largest |log-prob| gap between learner and worker on the probe reflection after a sync."""
+    """Cap on the probe check after a sync: mean |log-prob| gap per probe token, learner vs worker; each version's tolerance lies between the bf16 precision floor and half the distance the version moved the probe (learner/probe.py)."""
     max_policy_lag: int = 2
     """Async mode: rows more than this many versions behind the learner are never trained on (counted), and workers this far behind pause."""
     updates_per_version: int = 1
@@ -344,6 +350,14 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
     if lrn.batch_size % lrn.micro_batch_size:
         raise ConfigError("learner.batch_size must be a multiple of learner.micro_batch_size")
+    if lrn.micro_batch_tokens is not None and lrn.micro_batch_tokens < 1:
+        raise ConfigError(f"learner.micro_batch_tokens must be >= 1 or null, got {lrn.micro_batch_tokens}")
+    if lrn.num_gpus > 1 and lrn.num_gpus != int(lrn.num_gpus):
+        raise ConfigError(f"learner.num_gpus {lrn.num_gpus}: more than one learner GPU must be a whole number "
+                          f"(one data-parallel process per GPU)")
+    if lrn.num_gpus > 1 and lrn.device not in ("auto", "cuda"):
+        raise ConfigError(f"learner.device '{lrn.device}' with learner.num_gpus {lrn.num_gpus}: each data-parallel "
+                          f"process uses the GPU Ray gives it; set learner.device to auto or cuda")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", lrn.device):
         raise ConfigError(f"learner.device: '{lrn.device}' is not auto, cpu, cuda or cuda:N")
     if lrn.baseline == "leave_one_out" and lrn.batch_source != "fresh":

@@ -54,6 +54,10 @@ class Learner:
         self.probe_prompt = self.tokenizer(PROBE_PROMPT).input_ids
         self.probe_completion = self.tokenizer(PROBE_COMPLETION, add_special_tokens=False).input_ids
         self._probes: dict[int, list[float]] = {}  # version -> published probe log-probs
+        if self.group.distributed:  # start from rank 0's weights, whatever each rank's initialisation did
+            state = self.group.broadcast(self._state() if self.group.is_leader else None)
+            if not self.group.is_leader:
+                self._load_state(state)
 
     def current_version(self) -> int:
         return self.version

@@ -215,3 +215,53 @@ def test_cancel_drops_unfinished_episodes(tiny_model, tasks):
     rerun, _ = _drive(tiny_model, jobs[1:3], concurrency=2)
     keys = sorted(r.key for _, o in rerun for r in o.trials)
     assert keys == ["run/w0/e1/t0", "run/w0/e1/t1", "run/w0/e2/t0", "run/w0/e2/t1"]
+
+
+@pytest.mark.integration
+@pytest.mark.vllm
+def test_vllm_async_engine_gives_the_lockstep_records(tiny_model, tasks):
+    """vLLM seeds every request: the sync engine in lockstep and AsyncLLM under continuous batching
+    write the same trials and the same sampled reflections for the same jobs."""
+    pytest.importorskip("vllm")
+    import gc
+
+    actor_cfg = ActorConfig(backend="vllm", model=tiny_model, max_new_tokens=6, max_prompt_tokens=160)
+    refl_cfg = ReflectorConfig(backend="vllm", model=tiny_model, max_new_tokens=8, temperature=1.0)
+    envs = [MixedEnv(ENV) for _ in range(4)]
+    try:
+        actor, reflector = build_policies(actor_cfg, refl_cfg, VLLMConfig(), seed=0)
+        ref = run_episodes(tasks[:4], envs, EpisodeIds("run", 0, [0, 1, 2, 3], seed=SEED), actor, reflector,
+                           trials=2, memory_size=3, step_limit=3)
+        actor.backend.close()
+        del actor, reflector
+        gc.collect()
+    finally:
+        for e in envs:
+            e.close()
+
+    async def main():
+        actor, reflector = await build_async_policies(actor_cfg, refl_cfg, VLLMConfig(), seed=0)
+        pool = SimulatorPool(ENV, size=2)
+        runner = ContinuousRunner(actor, reflector, pool, concurrency=4, trials=2, memory_size=3, step_limit=3,
+                                  run_id="run", worker_id=0)
+        queue, done = [EpisodeJob(t, i, SEED + i) for i, t in enumerate(tasks[:4])], []
+
+        async def next_job():
+            return queue.pop(0) if queue else None
+
+        try:
+            await runner.run(next_job, lambda job, out: done.append(out))
+        finally:
+            pool.close()
+            await actor.close()
+        return done
+
+    done = asyncio.run(main())
+    key = lambda r: r.key  # noqa: E731
+    trials = sorted((r for o in done for r in o.trials), key=key)
+    refls = sorted((r for o in done for r in o.reflections), key=key)
+    assert [_comparable(r) for r in trials] == [_comparable(r) for r in sorted(ref.trials, key=key)]
+    assert [_comparable(r) for r in refls] == [_comparable(r) for r in sorted(ref.reflections, key=key)]
+    assert len(refls) == 4
+    for mine, theirs in zip(refls, sorted(ref.reflections, key=key)):
+        assert mine.behaviour_logprobs == pytest.approx(theirs.behaviour_logprobs, abs=1e-3)

@@ -62,6 +62,7 @@ class StreamingWorker:
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._runner = None
+        self._writer: Optional[ReplayWriter] = None
         self._error: Optional[BaseException] = None
         self._pending: list = []  # episode jobs of a group not handed out yet
         self._t_poll = self._t_start = time.monotonic()
@@ -101,7 +102,7 @@ class StreamingWorker:
                 "errors": c.errors, "versions": sorted(c.versions), "syncs": c.syncs,
                 "version": self.version, "paused_seconds": c.paused_seconds, "wall_seconds": wall,
                 "busy_fraction": staleness.busy_fraction(busy, wall), "runner": runner,
-                "committed_rows": self._writer.committed_rows() if hasattr(self, "_writer") else 0}
+                "committed_rows": self._writer.committed_rows if self._writer is not None else 0}
 
     def stop(self, timeout: float = 120.0) -> dict:
         """Stop taking episodes, cancel the ones in flight (they are rerun under the same keys by a
@@ -124,79 +125,9 @@ class StreamingWorker:
 
     def _thread_main(self) -> None:
         try:
-            asyncio.run(self._main())
+            asyncio.run(_Stream(self).main())
         except BaseException as err:  # surfaced by poll()
             self._error = err
-
-    async def _main(self) -> None:
-        from retro_dist.agents.async_policies import build_async_policies
-        from retro_dist.rollout.concurrent import ContinuousRunner
-        from retro_dist.rollout.simulators import SimulatorPool
-
-        s, r = self.spec, self.spec.rollout
-        self._loop = asyncio.get_running_loop()
-        self.actor, self.reflector = await build_async_policies(s.actor, s.reflector, s.vllm,
-                                                                seed=s.seed + s.worker_id)
-        pool = SimulatorPool(s.env, r.simulators)
-        self._writer = ReplayWriter(s.replay_root, f"worker-{s.worker_id}", s.replay)
-        try:
-            await self._pull()
-            self.ready.set()
-            self._runner = ContinuousRunner(self.actor, self.reflector, pool, r.concurrent_episodes, r.trials,
-                                            r.memory_size, s.env.step_limit, s.run_id, s.worker_id)
-            busy = asyncio.create_task(self._track_busy())
-            try:
-                await self._runner.run(self._next_job, self._on_done)
-            finally:
-                busy.cancel()
-        finally:
-            self._writer.close()  # seals what is open: every finished episode's rows are committed
-            pool.close()
-            await self.actor.close()
-            if self.reflector is not self.actor:
-                await self.reflector.close()
-
-    async def _track_busy(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            if self._runner is not None and self._runner.stats.get("in_flight", 0) > 0:
-                with self._lock:
-                    self._busy += 0.1
-
-    async def _pull(self) -> None:
-        """Load the newest adapter if there is a newer one (between episodes, never inside one)."""
-        t0 = time.monotonic()
-        adapter = await asyncio.to_thread(self.weight_source, self.version)
-        if adapter is None:
-            return
-        self.reflector.load(adapter)
-        gap = check_probe(await self.reflector.score(adapter.extra["probe"]["prompt_ids"],
-                                                     adapter.extra["probe"]["completion_ids"]),
-                          adapter, self.spec.probe_tolerance, self.spec.worker_id)
-        self.version = adapter.version
-        with self._lock:
-            self._counts.syncs.append({"sync/seconds": time.monotonic() - t0, "sync/probe_gap": gap,
-                                       "sync/version": adapter.version})
-
-    async def _next_job(self):
-        """The next episode to start, after loading new weights; None once stopping."""
-        from retro_dist.rollout.concurrent import EpisodeJob
-
-        if self._stop.is_set():
-            return None
-        await self._pull()
-        t0 = time.monotonic()
-        while not staleness.worker_may_start(self.version, await asyncio.to_thread(self.weight_source.newest_version),
-                                             self.max_policy_lag):
-            if self._stop.is_set():
-                return None
-            await asyncio.sleep(_BACKPRESSURE_POLL_S)
-            await self._pull()
-        with self._lock:
-            self._counts.paused_seconds += time.monotonic() - t0
-        if not self._pending:
-            self._pending = self._take_group()
-        return EpisodeJob(*self._pending.pop(0))
 
     def _take_group(self) -> list[tuple]:
         """(task, episode id, seed) for the `repeats_per_task` episodes of this worker's next group."""
@@ -239,4 +170,80 @@ class StreamingWorker:
             self._runner.cancel()
 
 
-__all__ = ["StreamingWorker", "WeightSyncError"]
+class _Stream:
+    """The worker's coroutines, run on its loop thread (kept off the worker class: Ray makes a class
+    with coroutine methods an asyncio actor and would run start/poll/stop on its event loop)."""
+
+    def __init__(self, worker: StreamingWorker):
+        self.w = worker
+
+    async def main(self) -> None:
+        from retro_dist.agents.async_policies import build_async_policies
+        from retro_dist.rollout.concurrent import ContinuousRunner
+        from retro_dist.rollout.simulators import SimulatorPool
+
+        w, s, r = self.w, self.w.spec, self.w.spec.rollout
+        w._loop = asyncio.get_running_loop()
+        w.actor, w.reflector = await build_async_policies(s.actor, s.reflector, s.vllm, seed=s.seed + s.worker_id)
+        pool = SimulatorPool(s.env, r.simulators)
+        w._writer = ReplayWriter(s.replay_root, f"worker-{s.worker_id}", s.replay)
+        try:
+            await self.pull()
+            w.ready.set()
+            w._runner = ContinuousRunner(w.actor, w.reflector, pool, r.concurrent_episodes, r.trials,
+                                         r.memory_size, s.env.step_limit, s.run_id, s.worker_id)
+            busy = asyncio.create_task(self.track_busy())
+            try:
+                await w._runner.run(self.next_job, w._on_done)
+            finally:
+                busy.cancel()
+        finally:
+            w._writer.close()  # seals what is open: every finished episode's rows are committed
+            pool.close()
+            for backend in {id(p.backend): p.backend for p in (w.actor, w.reflector)}.values():
+                await backend.close()  # one engine may serve both roles: close it once
+
+    async def track_busy(self, tick: float = 0.1) -> None:
+        """Seconds with at least one episode in flight (the worker's busy fraction)."""
+        while True:
+            await asyncio.sleep(tick)
+            if self.w._runner.stats.get("rollout/in_flight", 0) > 0:
+                with self.w._lock:
+                    self.w._busy += tick
+
+    async def pull(self) -> None:
+        """Load the newest adapter if there is a newer one, and check the probe."""
+        w = self.w
+        t0 = time.monotonic()
+        adapter = await asyncio.to_thread(w.weight_source, w.version)
+        if adapter is None:
+            return
+        w.reflector.load(adapter)  # requests submitted from now on use it; running ones keep theirs
+        probe = adapter.extra["probe"]
+        gap = check_probe(await w.reflector.score(probe["prompt_ids"], probe["completion_ids"]), adapter,
+                          w.spec.probe_tolerance, w.spec.worker_id)
+        w.version = adapter.version
+        with w._lock:
+            w._counts.syncs.append({"sync/seconds": time.monotonic() - t0, "sync/probe_gap": gap,
+                                    "sync/version": adapter.version})
+
+    async def next_job(self):
+        """The next episode to start, after loading new weights; None once stopping."""
+        from retro_dist.rollout.concurrent import EpisodeJob
+
+        w = self.w
+        if w._stop.is_set():
+            return None
+        await self.pull()
+        t0 = time.monotonic()
+        while not staleness.worker_may_start(w.version, await asyncio.to_thread(w.weight_source.newest_version),
+                                             w.max_policy_lag):
+            if w._stop.is_set():
+                return None
+            await asyncio.sleep(_BACKPRESSURE_POLL_S)
+            await self.pull()
+        with w._lock:
+            w._counts.paused_seconds += time.monotonic() - t0
+        if not w._pending:
+            w._pending = w._take_group()
+        return EpisodeJob(*w._pending.pop(0))

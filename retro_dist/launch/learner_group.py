@@ -21,16 +21,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from retro_dist.config import LearnerConfig, ReflectorConfig
 from retro_dist.learner.distributed import DistSpec
+from retro_dist.launch.placement import learner_bundles
 from retro_dist.learner.learner import Learner
 from retro_dist.replay.config import ReplayConfig
-
-
-def learner_bundles(cfg: LearnerConfig, world_size: Optional[int] = None, num_cpus: float = 1.0) -> list[dict]:
-    """One resource bundle per learner process (what placement checks and the group reserve)."""
-    world = world_size or max(1, int(cfg.num_gpus))
-    gpus = 1.0 if cfg.num_gpus > 1 else cfg.num_gpus
-    bundle = {"CPU": num_cpus, **({"GPU": gpus} if gpus else {})}
-    return [dict(bundle) for _ in range(world)]
 
 
 def _rendezvous_address() -> str:

@@ -124,7 +124,8 @@ class AsyncVLLMEngine:
         return [out.prompt_logprobs[i][full[i]].logprob for i in range(len(prompt_ids), len(full))]
 
     async def score_candidates(self, prompt_ids: Sequence[int], candidates: Sequence[list[int]]) -> list[float]:
-        """Σ log P(candidate | prompt) under the base model; one request each, the prefix cache shares the prompt."""
+        """Σ log P(candidate | prompt) under the base model, one request per candidate, all in flight at once.
+        (vLLM skips reading the prefix cache for requests with prompt_logprobs, so each recomputes the prompt.)"""
         lps = await asyncio.gather(*(self.score(prompt_ids, c, use_adapter=False) for c in candidates))
         return [float(sum(lp)) for lp in lps]
 

@@ -42,6 +42,14 @@ def tasks():
         env.close()
 
 
+@pytest.fixture(scope="module")
+def lockstep_envs():
+    envs = [MixedEnv(ENV) for _ in range(4)]
+    yield envs
+    for e in envs:
+        e.close()
+
+
 def _configs(tiny_model, selection="generate"):
     return (ActorConfig(backend="hf", model=tiny_model, max_new_tokens=6, action_selection=selection,
                         max_prompt_tokens=160),  # small: long trajectories get cut from the left
@@ -85,15 +93,10 @@ def _comparable(rec):
 
 
 @pytest.mark.parametrize("selection", ["generate", "score_valid"])
-def test_same_records_as_the_lockstep_loop(tiny_model, tasks, selection):
-    envs = [MixedEnv(ENV) for _ in range(4)]
-    try:
-        actor, reflector = build_policies(*_configs(tiny_model, selection), VLLMConfig(), seed=0)
-        ref = run_episodes(tasks[:4], envs, EpisodeIds("run", 0, [0, 1, 2, 3], seed=SEED), actor, reflector,
-                           trials=2, memory_size=3, step_limit=3)
-    finally:
-        for e in envs:
-            e.close()
+def test_same_records_as_the_lockstep_loop(tiny_model, tasks, lockstep_envs, selection):
+    actor, reflector = build_policies(*_configs(tiny_model, selection), VLLMConfig(), seed=0)
+    ref = run_episodes(tasks[:4], lockstep_envs, EpisodeIds("run", 0, [0, 1, 2, 3], seed=SEED), actor, reflector,
+                       trials=2, memory_size=3, step_limit=3)
     jobs = [EpisodeJob(t, i, SEED + i) for i, t in enumerate(tasks[:4])]
     done, stats = _drive(tiny_model, jobs, concurrency=3, selection=selection)
     trials = sorted((r for _, o in done for r in o.trials), key=lambda r: r.key)
@@ -219,7 +222,7 @@ def test_cancel_drops_unfinished_episodes(tiny_model, tasks):
 
 @pytest.mark.integration
 @pytest.mark.vllm
-def test_vllm_async_engine_gives_the_lockstep_records(tiny_model, tasks):
+def test_vllm_async_engine_gives_the_lockstep_records(tiny_model, tasks, lockstep_envs):
     """vLLM seeds every request: the sync engine in lockstep and AsyncLLM under continuous batching
     write the same trials and the same sampled reflections for the same jobs."""
     pytest.importorskip("vllm")
@@ -227,17 +230,12 @@ def test_vllm_async_engine_gives_the_lockstep_records(tiny_model, tasks):
 
     actor_cfg = ActorConfig(backend="vllm", model=tiny_model, max_new_tokens=6, max_prompt_tokens=160)
     refl_cfg = ReflectorConfig(backend="vllm", model=tiny_model, max_new_tokens=8, temperature=1.0)
-    envs = [MixedEnv(ENV) for _ in range(4)]
-    try:
-        actor, reflector = build_policies(actor_cfg, refl_cfg, VLLMConfig(), seed=0)
-        ref = run_episodes(tasks[:4], envs, EpisodeIds("run", 0, [0, 1, 2, 3], seed=SEED), actor, reflector,
-                           trials=2, memory_size=3, step_limit=3)
-        actor.backend.close()
-        del actor, reflector
-        gc.collect()
-    finally:
-        for e in envs:
-            e.close()
+    actor, reflector = build_policies(actor_cfg, refl_cfg, VLLMConfig(), seed=0)
+    ref = run_episodes(tasks[:4], lockstep_envs, EpisodeIds("run", 0, [0, 1, 2, 3], seed=SEED), actor, reflector,
+                       trials=2, memory_size=3, step_limit=3)
+    actor.backend.close()
+    del actor, reflector
+    gc.collect()
 
     async def main():
         actor, reflector = await build_async_policies(actor_cfg, refl_cfg, VLLMConfig(), seed=0)

@@ -220,6 +220,27 @@ def test_cancel_drops_unfinished_episodes(tiny_model, tasks):
     assert keys == ["run/w0/e1/t0", "run/w0/e1/t1", "run/w0/e2/t0", "run/w0/e2/t1"]
 
 
+
+def test_cancel_from_another_thread_and_a_failing_consumer(tiny_model, tasks):
+    import threading
+
+    jobs = [EpisodeJob(tasks[i % 8], i, SEED + i) for i in range(40)]
+
+    def from_thread(runner, job, done):
+        if len(done) == 1:
+            t = threading.Thread(target=runner.cancel)
+            t.start()
+            t.join()
+
+    done, stats = _drive(tiny_model, jobs, concurrency=2, on_done_hook=from_thread)
+    assert 1 <= len(done) < 40 and stats["rollout/in_flight"] == 0
+
+    def failing(runner, job, done):
+        raise OSError("replay store is full")
+
+    with pytest.raises(OSError, match="replay store is full"):  # the run stops with the consumer's error
+        _drive(tiny_model, jobs[:4], concurrency=2, on_done_hook=failing)
+
 @pytest.mark.integration
 @pytest.mark.vllm
 def test_vllm_async_engine_gives_the_lockstep_records(tiny_model, tasks, lockstep_envs):

@@ -76,12 +76,14 @@ class ContinuousRunner:
         self._loop = asyncio.get_running_loop()
         self._no_more = False  # a runner may be driven again after an earlier run drained
         self._t_last = self._t0 = time.monotonic()
+        self._busy_area = 0.0
         self._slots = [asyncio.create_task(self._slot(next_job, on_done)) for _ in range(self.concurrency)]
         try:
             results = await asyncio.gather(*self._slots, return_exceptions=True)
-        finally:
-            for s in self._slots:
-                s.cancel()
+        except asyncio.CancelledError:  # run() itself was cancelled: take the episodes down with it
+            self._cancel_slots()
+            await asyncio.gather(*self._slots, return_exceptions=True)
+            raise
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 raise r

@@ -116,7 +116,7 @@ class RunLogs:
     """The driver's side of the routing; construct once per run before any worker starts, close at the end."""
 
     def __init__(self, run_dir, terminal_level: int = logging.WARNING):
-        self.dir = log_dir(run_dir)
+        self.dir = log_dir(run_dir).resolve()  # absolute: actors need not share the driver's cwd
         self.vllm_config = write_vllm_logging_config(self.dir)
         self._file = logging.FileHandler(self.dir / "driver.log", encoding="utf-8")
         self._file.setFormatter(logging.Formatter(LOG_FORMAT))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -91,6 +93,13 @@ def stderr_is_terminal() -> bool:
         return False
 
 
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def open_wandb(run_dir: Path, project: str, mode: str, name: str, config: Optional[dict]):
     """A W&B run writing under `run_dir/wandb` (offline: no network). Missing package → ConfigError."""
     try:
@@ -129,10 +138,17 @@ class MetricsLogger:
         if stderr_is_terminal() if progress_bar is None else progress_bar:
             from tqdm import tqdm
 
+            # A terminal that reports no width (a pty nobody sized) gets a fixed one, not a 0-column bar.
+            sized = _terminal_columns() > 0
             self._bar = tqdm(total=total_iterations, desc="updates" if mode == "async" else "iterations",
-                             file=sys.stderr, dynamic_ncols=True, leave=False,
+                             file=sys.stderr, dynamic_ncols=sized, ncols=None if sized else 100,
+                             nrows=None if sized else 24, leave=False,
                              bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}")
             self._latest: dict = {}  # newest value of each bar metric: a partial update keeps the rest
+            # Redraw every second, so elapsed time ticks through a long rollout between driver calls.
+            self._stop = threading.Event()
+            self._ticker = threading.Thread(target=self._tick, name="retro-dist-progress", daemon=True)
+            self._ticker.start()
 
     @classmethod
     def from_config(cls, cfg, run_dir: Path, **kwargs) -> "MetricsLogger":
@@ -176,6 +192,16 @@ class MetricsLogger:
             self._bar.set_postfix_str(progress_postfix(self._latest), refresh=False)
         self._bar.refresh()
 
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            bar = self._bar
+            if bar is None:
+                return
+            try:
+                bar.refresh()
+            except (ValueError, OSError):  # the terminal went away
+                return
+
     def write(self, line: str) -> None:
         """A line on stdout above the bar (episode errors, notices): use this, not print, while a bar is live."""
         from tqdm import tqdm
@@ -185,6 +211,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._stop.set()
+            self._ticker.join(timeout=5)
             self._bar.close()
             self._bar = None
         if self._tb is not None:

@@ -77,12 +77,14 @@ def test_no_bar_when_stderr_is_not_a_terminal(tmp_path):
 def test_bar_on_a_terminal_with_status_lines_above_it(tmp_path):
     """A pseudo-terminal as stdout+stderr: the bar draws, and status lines still come through whole."""
     code = textwrap.dedent(f"""
+        import time
         from retro_dist.launch.metrics import MetricsLogger
         log = MetricsLogger({str(tmp_path)!r}, 40, mode="async")
         assert log._bar is not None
         log.progress(5, {{"rollout/episodes_per_s": 2.5, "staleness/version_lag_max": 1}})
         log.log(0, {{"learner/steps": 5, "learner/version": 3}})
         log.progress(7, {{"rollout/reflection_reward": 0.25}})
+        time.sleep(1.6)  # no calls: the bar still redraws, elapsed time ticking
         log.close()
     """)
     leader, follower = pty.openpty()
@@ -103,6 +105,7 @@ def test_bar_on_a_terminal_with_status_lines_above_it(tmp_path):
     assert "updates 5/40" in text and "eps/s 2.50" in text and "lag 1" in text
     assert "updates 7/40" in text and "refl +0.250" in text and "eps/s 2.50 steps/s - lag 1 refl +0.250" in text
     assert "[upd 5/40 v3] eps -/s" in text
+    assert "00:01<" in text
 
 
 def test_missing_wandb_is_one_clear_error(tmp_path, monkeypatch):

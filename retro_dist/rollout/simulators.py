@@ -28,6 +28,7 @@ class _Slot:
     env: MixedEnv
     owner: Optional[Hashable] = None  # whose trial this simulator's state is
     steps: int = 0  # actions of that trial already applied
+    done: bool = False  # that trial's game is over: nobody will step it again
     last_used: float = 0.0
 
 
@@ -61,7 +62,7 @@ class SimulatorPool:
         slot = await self._acquire(owner)
         try:
             out = await self._call(slot, lambda env: env.reset(task))
-            slot.owner, slot.steps = owner, 0
+            slot.owner, slot.steps, slot.done = owner, 0, out[1].done
             self._stats["resets"] += 1
             return out
         finally:
@@ -77,7 +78,7 @@ class SimulatorPool:
                 self._stats["replayed_steps"] += len(history)
                 slot.owner, slot.steps = owner, len(history)
             obs = await self._call(slot, lambda env: env.step(action))
-            slot.steps += 1
+            slot.steps, slot.done = slot.steps + 1, obs.done
             self._stats["steps"] += 1
             return obs
         finally:
@@ -93,7 +94,8 @@ class SimulatorPool:
 
     async def _acquire(self, owner: Hashable, steps: Optional[int] = None) -> _Slot:
         """The free simulator holding `owner`'s state (at `steps`), else a new one while fewer than
-        `size` exist, else the least recently used free one, else the next one released."""
+        `size` exist, else a free one holding no live game (none yet, or a finished one), else the
+        least recently used free one, else the next one released."""
         mine = [s for s in self._free if s.owner == owner and (steps is None or s.steps == steps)]
         if mine:
             slot = mine[0]
@@ -102,7 +104,7 @@ class SimulatorPool:
             self._slots.append(slot)
             return slot
         elif self._free:
-            slot = min(self._free, key=lambda s: s.last_used)
+            slot = min(self._free, key=lambda s: (s.owner is not None and not s.done, s.last_used))
         else:
             return await self._wait()
         self._free.remove(slot)
@@ -114,6 +116,10 @@ class SimulatorPool:
         t0 = time.perf_counter()
         try:
             return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a simulator, then cancelled: pass it on
+                self._release(fut.result())
+            raise
         finally:
             self._stats["waits"] += 1
             self._wait_seconds += time.perf_counter() - t0
@@ -135,7 +141,7 @@ class SimulatorPool:
             return await loop.run_in_executor(self._threads, fn, slot.env)
         except BaseException:
             broken, slot.env = slot.env, MixedEnv(self.cfg)
-            slot.owner, slot.steps = None, 0
+            slot.owner, slot.steps, slot.done = None, 0, False
             self._stats["rebuilt"] += 1
             self._threads.submit(_close_quietly, broken)
             raise

@@ -176,3 +176,21 @@ def test_simulator_jvms_run_with_small_heap_flags(tasks):
         assert proc.memory_info().rss < 70 * 2**20
     finally:
         env.close()
+
+
+def test_a_waiter_cancelled_after_being_handed_a_simulator_passes_it_on():
+    async def main():
+        pool = SimulatorPool(CFG, size=1)
+        try:
+            held = await pool._acquire("a")  # the only simulator (no JVM starts until a reset)
+            first = asyncio.ensure_future(pool._acquire("b"))
+            second = asyncio.ensure_future(pool._acquire("c"))
+            await asyncio.sleep(0)  # both wait
+            pool._release(held)  # handed to b ...
+            first.cancel()  # ... which is cancelled before it runs
+            got = await asyncio.wait_for(second, 5)  # lost, it would never come
+            return got is held, first.cancelled()
+        finally:
+            pool.close()
+
+    assert asyncio.run(main()) == (True, True)

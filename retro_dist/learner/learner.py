@@ -89,6 +89,8 @@ class Learner:
     def restore(self) -> Optional[int]:
         """Load the newest complete checkpoint of this run, if any; returns its version.
         In a group, rank 0 loads it and hands the state to the other ranks."""
+        if not self.group.is_leader:
+            raise RuntimeError("in a learner group only rank 0 restores; the others receive its state")
         path = checkpoints.newest(self.run_dir / "checkpoints")
         if path is None:
             return None

@@ -1,9 +1,13 @@
-"""Replay store benchmark: append vs bare pyarrow, sampling vs a JSON-lines log, SIGKILL recovery.
+"""Replay store benchmark: append vs bare pyarrow, the reader at scale vs TorchRL, SIGKILL recovery.
 
-    python -m benchmarks.replay --json /tmp/replay.json [--quick] [--dir DIR]
+    python -m benchmarks.replay --json /tmp/replay.json [--rows 10000000] [--quick] [--dir DIR]
 
-Rows are reflection-sized (64 prompt ids, 32 reflection ids, 32 log-probs, ~130 chars of text),
-built column-wise so the generator never dominates the timings.
+Rows are reflection-sized (64 prompt ids, 32 reflection ids, 32 log-probs, ~130 chars of text,
+~747 B), built column-wise so the generator never dominates the timings. The big store
+(`--rows`, written once) is read by a child process, so its peak RSS (VmHWM, file pages
+included) is the reader's alone; TorchRL's LazyMemmapStorage + RandomSampler holds the same
+rows in another child and samples at the same batch size. TorchRL is a benchmark-only
+dependency: `pip install --no-deps torchrl tensordict pyvers` (no-deps keeps the pinned torch).
 """
 from __future__ import annotations
 
@@ -43,6 +47,13 @@ def _lists(n: int, width: int, values: np.ndarray) -> pa.ListArray:
 
 def make_batches(n_rows: int, worker: int = 0, m: int = BATCH_ROWS) -> list[pa.RecordBatch]:
     """Reflection batches of `m` rows with unique keys; list columns shared between them."""
+    return list(iter_batches(n_rows, worker, m))
+
+
+def iter_batches(n_rows: int, worker: int = 0, m: int = BATCH_ROWS, versions: int = 8):
+    """make_batches, one batch at a time (a 10M-row store never sits in memory).
+
+    policy_version rises from 0 to versions-1 in write order, as in a training run."""
     rng = np.random.default_rng(worker)
     shared = {
         "run_id": pa.array(["bench"] * m), "worker_id": pa.array(np.full(m, worker)),
@@ -58,7 +69,6 @@ def make_batches(n_rows: int, worker: int = 0, m: int = BATCH_ROWS) -> list[pa.R
         "reward": pa.array(rng.choice([-1.0, 0.0, 0.5, 1.0], m)),
         "created_at": pa.array(np.full(m, time.time())),
     }
-    out = []
     for start in range(0, n_rows, m):
         n = min(m, n_rows - start)
         eps = pa.array(np.arange(start, start + n, dtype=np.int64))
@@ -66,10 +76,8 @@ def make_batches(n_rows: int, worker: int = 0, m: int = BATCH_ROWS) -> list[pa.R
         cols["key"] = pc.binary_join_element_wise(f"bench/w{worker}/e", eps.cast(pa.string()),
                                                   "/t0", "")
         cols["episode_id"] = eps
-        cols["policy_version"] = pa.array(np.full(n, start * 8 // max(n_rows, 1), np.int64))
-        out.append(pa.RecordBatch.from_pydict({f.name: cols[f.name] for f in SCHEMA},
-                                              schema=SCHEMA))
-    return out
+        cols["policy_version"] = pa.array(np.full(n, start * versions // max(n_rows, 1), np.int64))
+        yield pa.RecordBatch.from_pydict({f.name: cols[f.name] for f in SCHEMA}, schema=SCHEMA)
 
 
 def time_raw(batches, path: str) -> tuple[float, float]:
@@ -100,22 +108,112 @@ def time_append(batches, root: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench_sample(root: str, n_rows: int, iters: int) -> dict:
-    cfg = ReplayConfig(sampler="prioritised", priority_key="advantage_abs", min_size_to_sample=1)
+def build_store(root: str, n_rows: int) -> dict:
+    """Write the big store once through ReplayWriter (batches generated on the fly)."""
+    t0 = time.perf_counter()
+    with ReplayWriter(root, "w0", WRITE_CFG) as w:
+        for b in iter_batches(n_rows, versions=100):
+            w.append("reflections", b)
+    dt = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    return {"store_rows": n_rows, "store_gb": size / 1e9, "store_write_rows_per_s": n_rows / dt}
+
+
+def _proc_status(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024 / 1024  # kB -> GiB
+    return float("nan")
+
+
+def _rate(fn, iters: int, batch: int = 256) -> float:
+    fn()  # the first call builds the sampling distribution
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return batch * iters / (time.perf_counter() - t0)
+
+
+CAPPED_RESIDENT_BYTES = 256 << 20
+
+
+def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dict:
+    """Runs in its own process: open the store, sample uniform then prioritised, read fresh rows.
+
+    resident_bytes: the reader's page budget (ReplayConfig.resident_bytes); None lets the
+    kernel keep every page it maps, as TorchRL's memmap does.
+    """
+    cfg = ReplayConfig(sampler="uniform", priority_key="advantage_abs", min_size_to_sample=1,
+                       resident_bytes=resident_bytes)
     t0 = time.perf_counter()
     store = ReplayStore(root, cfg)
-    open_s = time.perf_counter() - t0
     assert store.num_rows("reflections") == n_rows, store.num_rows("reflections")
+    res = {"store_open_s": time.perf_counter() - t0, "rss_after_open_gb": _proc_status("VmRSS")}
     rng = np.random.default_rng(0)
-    store.sample("reflections", 256, rng=rng)  # first call builds the priority distribution
-    first_s = time.perf_counter() - t0 - open_s
+    res["uniform_rows_per_s"] = _rate(lambda: store.sample("reflections", 256, rng=rng), iters)
+    store.cfg = ReplayConfig(**{**cfg.__dict__, "sampler": "prioritised"})
     t1 = time.perf_counter()
-    for _ in range(iters):
-        store.refresh()
-        store.sample("reflections", 256, rng=rng)
-    dt = time.perf_counter() - t1
-    return {"store_open_s": open_s, "first_sample_s": first_s,
-            "sample_rows_per_s": 256 * iters / dt}
+    store.sample("reflections", 256, rng=rng)
+    res["prioritised_first_sample_s"] = time.perf_counter() - t1
+    res["prioritised_rows_per_s"] = _rate(lambda: store.sample("reflections", 256, rng=rng), iters)
+    newest = max(e.max_version for e in store._views["reflections"].entries)
+    t2 = time.perf_counter()
+    fresh = store.read("reflections", min_policy_version=newest)  # the newest version's rows
+    res["fresh_read_s"] = time.perf_counter() - t2
+    res["fresh_read_rows"] = fresh.num_rows
+    res["fresh_segments_skipped"] = store._views["reflections"].segments_skipped
+    res["staleness_dropped_rows"] = store.rows_below_version("reflections", newest)
+    res["rss_peak_gb"] = _proc_status("VmHWM")
+    return res
+
+
+def torchrl_child(scratch: str, n_rows: int, iters: int) -> dict:
+    """TorchRL LazyMemmapStorage + RandomSampler holding rows of the same shape and size.
+
+    Text and string ids become fixed-width uint8 / int64 columns (TorchRL stores tensors);
+    the row is ~760 B, as ours. Filled in 65536-row chunks of one template.
+    """
+    import torch
+    from tensordict import TensorDict
+    from torchrl.data import LazyMemmapStorage, ReplayBuffer
+    from torchrl.data.replay_buffers.samplers import RandomSampler
+
+    m, g = 65536, torch.Generator().manual_seed(0)
+    chunk = TensorDict({
+        "prompt_ids": torch.randint(0, 32000, (m, 64), dtype=torch.int32, generator=g),
+        "reflection_ids": torch.randint(0, 32000, (m, 32), dtype=torch.int32, generator=g),
+        "behaviour_logprobs": -torch.rand(m, 32, generator=g),
+        "reflection_text": torch.randint(32, 127, (m, 130), dtype=torch.uint8, generator=g),
+        "key": torch.randint(32, 127, (m, 32), dtype=torch.uint8, generator=g),
+        **{k: torch.zeros(m, dtype=torch.int64) for k in
+           ("run_id", "worker_id", "episode_id", "task_id", "env_name", "trial", "policy_version")},
+        **{k: torch.rand(m, dtype=torch.float64, generator=g) for k in
+           ("return_before", "return_after", "reward", "created_at")},
+    }, batch_size=[m])
+    row_bytes = sum(v.element_size() * v[0].numel() for v in chunk.values())
+    rb = ReplayBuffer(storage=LazyMemmapStorage(n_rows, scratch_dir=scratch),
+                      sampler=RandomSampler(), batch_size=256)
+    t0 = time.perf_counter()
+    for start in range(0, n_rows, m):
+        rb.extend(chunk[: min(m, n_rows - start)])
+    fill_s = time.perf_counter() - t0
+    assert len(rb) == n_rows
+    return {"torchrl_row_bytes": row_bytes, "torchrl_fill_s": fill_s,
+            "torchrl_uniform_rows_per_s": _rate(rb.sample, iters),
+            "torchrl_rss_peak_gb": _proc_status("VmHWM")}
+
+
+def reader_capped_child(root: str, n_rows: int, iters: int) -> dict:
+    return reader_child(root, n_rows, iters, CAPPED_RESIDENT_BYTES)
+
+
+def _child(kind: str, path: str, n_rows: int, iters: int) -> dict:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.replay", f"--{kind}-child", path,
+                          str(n_rows), str(iters)], cwd=repo, check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_naive(batches, path: str, iters: int) -> dict:
@@ -225,12 +323,11 @@ def bench_crash(workdir: str, n_batches: int, seed: int = 0) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------------
 
-def run(workdir: str, quick: bool) -> dict:
-    n_rows = 100_000 if quick else 1_000_000
+def bench_append(workdir: str, n_rows: int, rounds: int) -> dict:
+    """ReplayWriter vs bare pyarrow on the same batches, paired runs in alternating order."""
     batches = make_batches(n_rows)
-    row_bytes = sum(b.nbytes for b in batches) / n_rows
     raw_s, app_s = [], []
-    for rnd in range(4 if quick else 6):  # the disk is shared: pair runs, alternate the order
+    for rnd in range(rounds):  # the disk is shared: pair runs, alternate the order
         for which in ((0, 1) if rnd % 2 == 0 else (1, 0)):
             if which == 0:
                 os.sync()  # start each run with no dirty pages from the previous one
@@ -240,22 +337,45 @@ def run(workdir: str, quick: bool) -> dict:
                 shutil.rmtree(os.path.join(workdir, "store"), ignore_errors=True)
                 os.sync()
                 app_s.append(time_append(batches, os.path.join(workdir, "store")))
+    shutil.rmtree(os.path.join(workdir, "store"), ignore_errors=True)
     raw_w, raw_d = np.array([w for w, _ in raw_s]), np.array([d for _, d in raw_s])
     app = np.array(app_s)
-    res = {"rows": n_rows, "row_bytes": round(row_bytes, 1),
-           "append_rows_per_s": n_rows / app.min(),
-           "raw_pyarrow_rows_per_s": n_rows / raw_d.min(),
-           "raw_pyarrow_nofsync_rows_per_s": n_rows / raw_w.min(),
-           # median over rounds of the paired ratio: robust to a neighbour's I/O bursts
-           "append_vs_raw_ratio": float(np.median(raw_d / app)),
-           "append_vs_raw_nofsync_ratio": float(np.median(raw_w / app)),
-           "append_vs_raw_ratio_best": float(raw_d.min() / app.min()),
-           "append_vs_raw_nofsync_ratio_best": float(raw_w.min() / app.min())}
-    res.update(bench_sample(os.path.join(workdir, "store"), n_rows, 200 if quick else 500))
+    return {"append_rows": n_rows, "row_bytes": round(sum(b.nbytes for b in batches) / n_rows, 1),
+            "append_rows_per_s": n_rows / app.min(),
+            "raw_pyarrow_rows_per_s": n_rows / raw_d.min(),
+            "raw_pyarrow_nofsync_rows_per_s": n_rows / raw_w.min(),
+            # median over rounds of the paired ratio: robust to a neighbour's I/O bursts
+            "append_vs_raw_ratio": float(np.median(raw_d / app)),
+            "append_vs_raw_nofsync_ratio": float(np.median(raw_w / app)),
+            "append_vs_raw_ratio_best": float(raw_d.min() / app.min()),
+            "append_vs_raw_nofsync_ratio_best": float(raw_w.min() / app.min())}
+
+
+def run(workdir: str, n_rows: int, quick: bool) -> dict:
+    res = {"rows": n_rows}
+    res.update(bench_append(workdir, min(n_rows, 1_000_000), 4 if quick else 6))
+    big, iters = os.path.join(workdir, "big"), 200 if quick else 500
+    res.update(build_store(big, n_rows))
+    capped = _child("reader-capped", big, n_rows, max(iters // 5, 20))
+    res.update({f"capped_{k}": v for k, v in capped.items()})
+    ours = _child("reader", big, n_rows, iters)
+    res.update(ours)
+    theirs = _child("torchrl", os.path.join(workdir, "torchrl"), n_rows, iters)
+    shutil.rmtree(os.path.join(workdir, "torchrl"), ignore_errors=True)
+    res.update(theirs)
+    tag = f"_{n_rows // 1_000_000}m" if n_rows >= 1_000_000 else f"_{n_rows // 1000}k"
+    res["capped_resident_bytes"] = CAPPED_RESIDENT_BYTES
+    res[f"rss_peak_gb{tag}"] = capped["rss_peak_gb"]  # with the page budget
+    res[f"rss_peak_uncapped_gb{tag}"] = ours["rss_peak_gb"]
+    res[f"uniform_vs_torchrl{tag}"] = ours["uniform_rows_per_s"] / theirs["torchrl_uniform_rows_per_s"]
+    res[f"uniform_capped_vs_torchrl{tag}"] = (capped["uniform_rows_per_s"]
+                                              / theirs["torchrl_uniform_rows_per_s"])
+    res[f"prioritised_vs_uniform{tag}"] = ours["prioritised_rows_per_s"] / ours["uniform_rows_per_s"]
+    shutil.rmtree(big, ignore_errors=True)
     naive_rows = 20_000 if quick else 100_000
     res["naive_rows"] = naive_rows
-    res.update(bench_naive(make_batches(naive_rows), os.path.join(workdir, "log.jsonl"),
-                           200 if quick else 500))
+    res.update(bench_naive(make_batches(naive_rows), os.path.join(workdir, "log.jsonl"), iters))
+    res["naive_vs_uniform"] = res["naive_sample_rows_per_s"] / ours["uniform_rows_per_s"]
     res.update(bench_crash(workdir, 20 if quick else 40))
     return res
 
@@ -263,18 +383,28 @@ def run(workdir: str, quick: bool) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here as one JSON object")
-    ap.add_argument("--quick", action="store_true", help="100k-row store instead of 1M")
+    ap.add_argument("--rows", type=int, default=10_000_000, help="rows in the big store")
+    ap.add_argument("--quick", action="store_true", help="100k rows, fewer rounds")
     ap.add_argument("--dir", help="scratch directory (default: a temp dir, removed after)")
     ap.add_argument("--crash-child", nargs=3, metavar=("ROOT", "WORKER", "N_BATCHES"),
                     help=argparse.SUPPRESS)
+    for kind in ("reader", "reader-capped", "torchrl"):
+        ap.add_argument(f"--{kind}-child", nargs=3, metavar=("PATH", "ROWS", "ITERS"),
+                        help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for kind, fn in (("reader", reader_child), ("reader-capped", reader_capped_child),
+                     ("torchrl", torchrl_child)):
+        child = getattr(args, f"{kind.replace('-', '_')}_child")
+        if child:
+            print(json.dumps(fn(child[0], int(child[1]), int(child[2]))))
+            return 0
     if args.crash_child:
         root, worker, n = args.crash_child
         crash_child(root, int(worker), int(n))
         return 0
     workdir = args.dir or tempfile.mkdtemp(prefix="replay-bench-")
     try:
-        res = run(workdir, args.quick)
+        res = run(workdir, 100_000 if args.quick else args.rows, args.quick)
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -45,6 +45,8 @@ class ReplayConfig:
     retention_bytes: Optional[int] = None
     # evict segments sealed more than this many seconds ago; None = keep forever
     retention_seconds: Optional[float] = None
+    # reader: drop mapped segment pages from this process past this many resident bytes; None = keep
+    resident_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("seal_rows", "seal_bytes", "max_unacked_rows", "min_size_to_sample"):
@@ -65,7 +67,7 @@ class ReplayConfig:
             raise ValueError("replay.error_buffer: must be >= 0")
         if self.block_timeout_s < 0:
             raise ValueError("replay.block_timeout_s: must be >= 0")
-        for name in ("retention_rows", "retention_bytes", "retention_seconds"):
+        for name in ("retention_rows", "retention_bytes", "retention_seconds", "resident_bytes"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
 

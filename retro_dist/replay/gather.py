@@ -129,34 +129,34 @@ class Layout:
         return pa.Array.from_buffers(self.dtype, n, [vbuf, obuf], nulls, children=[child])
 
 
-def hash_keys(keys: pa.Array) -> np.ndarray:
-    """(n,) uint64 hash of each string (64-bit, so the key index needs no Python strings).
+def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n,) uint64 hash of each string (64-bit, so key indexes need no Python strings).
 
-    Reads the string bytes 8 at a time (the tail word zero-padded) and mixes in the length;
-    two distinct keys collide with probability ~2^-64 per pair.
+    Reads each string 8 bytes at a time through an overlapping (stride 1) uint64 view, masks
+    the bytes past its end, and mixes words and length splitmix-style; two distinct keys
+    collide with probability ~2^-64 per pair.
     """
-    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
     n = len(keys)
     offs = np.frombuffer(keys.buffers()[1], np.int32, n + 1, keys.offset * 4).astype(np.int64)
     data_buf = keys.buffers()[2]
-    data = np.zeros(0, np.uint8) if data_buf is None else np.frombuffer(data_buf, np.uint8)
-    data = np.concatenate([data, np.zeros(8, np.uint8)])
+    raw = np.zeros((0 if data_buf is None else data_buf.size) + 8, np.uint8)
+    if data_buf is not None:
+        raw[:data_buf.size] = np.frombuffer(data_buf, np.uint8)
+    words = np.ndarray((raw.size - 7,), np.uint64, buffer=raw, strides=(1,))
     start, lens = offs[:-1], offs[1:] - offs[:-1]
     h = lens.astype(np.uint64) * _HASH_MULT
-    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(8))
     for j in range(0, int(lens.max(initial=0)), 8):
-        idx = start[:, None] + j + np.arange(8)
-        byte = data[np.minimum(idx, data.size - 1)].astype(np.uint64)
-        byte[np.arange(8) + j >= lens[:, None]] = 0
-        word = (byte << shifts).sum(axis=1, dtype=np.uint64)
+        left = np.clip(lens - j, 0, 8).astype(np.uint64)
+        word = words[np.minimum(start + j, words.size - 1)]
+        word &= np.where(left >= 8, np.uint64(0xFFFFFFFFFFFFFFFF),
+                         (np.uint64(1) << (left * np.uint64(8))) - np.uint64(1))
         h = (h ^ word) * _HASH_MULT
         h ^= h >> np.uint64(31)
         h *= _HASH_MIX
         h ^= h >> np.uint64(29)
     return h
-
-
-
 
 
 def check_offsets(arr: pa.Array) -> None:

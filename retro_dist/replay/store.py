@@ -10,9 +10,14 @@ quarantine/ with one warning; temp segments are never read (their rows were neve
 acknowledged, and the writer resends them). `refresh()` re-reads only catalog files whose
 size or mtime changed and loads only segments it has not seen.
 
-Resident memory: gathers touch pages of the mapped files; every ~RELEASE_BYTES of them the
-store drops its page mappings (MADV_DONTNEED), so the resident set stays near the index
-arrays plus recent gathers however large the store is.
+Resident memory: the heap holds only per-row index arrays (~30 B/row). Gathers map pages of
+the segment files; those count in RSS but are clean page cache, which the kernel can take back
+at any time. With cfg.resident_bytes set, the store drops its page mappings (MADV_DONTNEED;
+the page cache keeps the data) whenever this process maps more file-backed bytes than that
+(/proc/self/statm), checked after every gathered column, so RSS stays near the index arrays
+plus the budget however large the store is. The price: every sample faults its pages back
+in, and on kernels that map 64 KB or more around each fault that costs far more than the
+gather itself (see benchmarks/replay.py: capped vs uncapped rows/s).
 """
 from __future__ import annotations
 
@@ -35,7 +40,6 @@ from retro_dist.replay.ratelimit import RateLimitedError, RateLimiter
 from retro_dist.replay.view import TableView
 
 _BLOCK_POLL_S = 0.05
-RELEASE_BYTES = 256 << 20  # resident gather pages (worst-case estimate) before releasing them
 
 
 @dataclass
@@ -55,7 +59,6 @@ class ReplayStore:
         self._arena = Arena()
         self._views: dict[str, TableView] = {}
         self._pending: dict[str, list[SegmentEntry]] = {}  # catalogued, table not opened yet
-        self._touched = 0  # estimated resident bytes since the last release_pages
         self._limiters: dict[str, RateLimiter] = {}
         self._seen: set[str] = set()  # rel paths already loaded, quarantined or skipped
         self._stamps: dict[str, tuple[int, int]] = {}  # catalog path -> (mtime_ns, size)
@@ -63,7 +66,7 @@ class ReplayStore:
         self._counts = {"empty_after_filters": 0, "quarantined": 0, "missing_segments": 0, "evicted_segments": 0,
                         "evicted_rows": 0, "rate_limited": 0, "sample_batches": 0,
                         "sampled_rows": 0, "blocked_seconds": 0.0, "refresh_seconds": 0.0,
-                        "segments_opened": 0}
+                        "segments_opened": 0, "page_releases": 0}
         self.refresh()
 
     # ---- catalog -----------------------------------------------------------------------------
@@ -219,9 +222,7 @@ class ReplayStore:
         if pool is None:
             data = view.concat()
             return data if columns is None else data.select(list(columns))
-        out = view.take(pool, columns)
-        self._released(out.num_rows, out.num_columns)
-        return out
+        return view.take(pool, columns, self._budget)
 
     def sample(self, table: str, batch_size: int, *, rng: np.random.Generator, step: int = 0,
                current_version: Optional[int] = None, tasks: Optional[Sequence[str]] = None,
@@ -264,16 +265,20 @@ class ReplayStore:
         self._limiters[table].sample(batch_size)
         self._counts["sample_batches"] += 1
         self._counts["sampled_rows"] += batch_size
-        out = view.take(indices, columns)
-        self._released(batch_size, out.num_columns)
-        return SampledBatch(out, probs, indices)
+        return SampledBatch(view.take(indices, columns, self._budget), probs, indices)
 
-    def _released(self, rows: int, columns: int) -> None:
-        """Count pages a gather may have made resident; drop them all past RELEASE_BYTES."""
-        self._touched += rows * max(columns, 1) * PAGE
-        if self._touched >= RELEASE_BYTES:
+    def _budget(self) -> None:
+        """After each gathered column: drop mapped pages past cfg.resident_bytes (if set)."""
+        if self.cfg.resident_bytes is None:
+            return
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                shared = int(f.read().split()[2]) * PAGE  # resident file-backed pages
+        except OSError:
+            shared = self.cfg.resident_bytes  # no /proc: release after every column
+        if shared >= self.cfg.resident_bytes:
             self._arena.release_pages()
-            self._touched = 0
+            self._counts["page_releases"] += 1
 
     def _admit(self, table: str, n: int) -> bool:
         """Ask the rate limiter; block (refreshing) or drop per cfg.on_overflow."""
@@ -330,6 +335,7 @@ class ReplayStore:
                 quality = score if priorities is not None else score - score.min()
                 probs = sampling.curriculum_probs(quality, step, self.cfg.curriculum_anneal_steps)
             cdf = np.cumsum(probs, out=probs)
+            self._arena.release_pages()  # the reward / task pages the scores read
         result = (pool, cdf, m)
         if priorities is None:
             self._cache = {key: result}  # older versions are dead: keep one entry
@@ -341,7 +347,7 @@ class ReplayStore:
         The per-task mean is the store's stand-in for the learner's baseline b(x); pass
         `priorities` to sample() to use the learner's own advantages instead.
         """
-        reward = view.numpy("reward").astype(np.float64)
+        reward = view.numpy("reward").astype(np.float64, copy=False)
         if self.cfg.priority_key == "reward_abs":
             return np.abs(reward)
         codes = view.numpy("task_id")
@@ -376,7 +382,9 @@ class ReplayStore:
                "replay/segments": sum(len(v.entries) for v in self._views.values()),
                "replay/bytes": sum(v.nbytes for v in self._views.values()),
                "replay/duplicates_dropped": sum(v.duplicates_dropped
-                                                for v in self._views.values())}
+                                                for v in self._views.values()),
+               "replay/segments_scanned": sum(v.segments_scanned for v in self._views.values()),
+               "replay/segments_skipped": sum(v.segments_skipped for v in self._views.values())}
         out.update({f"replay/{k}": v for k, v in self._counts.items()})
         out.update({f"replay/rows/{n}": v.num_rows for n, v in self._views.items()})
         return out

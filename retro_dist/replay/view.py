@@ -5,7 +5,8 @@ of `concat()` is stable until the next eviction. The rows stay where the store p
 Arena slot (a memory-mapped segment file), never copied to the heap. What the view does keep
 on the heap is small and per row:
 
-- the key index: a sorted uint64 array of 64-bit key hashes (8 B/row, no Python strings);
+- the key index: a sorted uint64 array of 64-bit key hashes (8 B/row, no Python strings;
+  an evicted segment's hashes are recomputed from its keys);
 - per segment, numpy copies of the scalar columns asked for (policy_version always; reward or
   task codes once a sampler needs them), concatenated on demand and cached until a change.
 
@@ -15,7 +16,7 @@ gather.Layout, so a sample costs the same few numpy ops however many segments it
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +28,10 @@ from retro_dist.replay.gather import Layout, hash_keys
 
 
 class _Segment:
-    def __init__(self, entry: SegmentEntry, data: pa.Table, hashes: np.ndarray) -> None:
+    def __init__(self, entry: SegmentEntry, data: pa.Table) -> None:
         self.entry = entry
         self.batches = [b for b in data.to_batches() if b.num_rows]
         self.rows = data.num_rows
-        self.hashes = hashes  # (rows,) uint64, sorted copy lives in the view's index
         self.small: dict[str, np.ndarray] = {}
         if "policy_version" in data.column_names:
             self.small["policy_version"] = _to_numpy(data.column("policy_version"))
@@ -95,7 +95,7 @@ class TableView:
             if not k.all():
                 self.duplicates_dropped += int((~k).sum())
                 data, h = self._rewrite(data.filter(pa.array(k))), h[k]
-            self.segs.append(_Segment(entry, data, h))
+            self.segs.append(_Segment(entry, data))
             out.append(data.num_rows)
         self.index = np.sort(np.concatenate([self.index, flat[keep]]), kind="stable") \
             if flat.size > self.index.size // 8 else _insert_sorted(self.index, flat[keep])
@@ -117,8 +117,9 @@ class TableView:
     def pop_oldest(self) -> tuple[SegmentEntry, int]:
         """Drop the oldest segment's rows (the first rows of the view). Returns (entry, rows)."""
         seg = self.segs.pop(0)
-        if seg.hashes.size:  # every held hash is in the index exactly once
-            self.index = np.delete(self.index, np.searchsorted(self.index, seg.hashes))
+        if seg.rows:  # every held key's hash is in the index exactly once
+            hashes = hash_keys(pa.chunked_array([b.column("key") for b in seg.batches]))
+            self.index = np.delete(self.index, np.searchsorted(self.index, hashes))
         self._changed()
         return seg.entry, seg.rows
 
@@ -236,8 +237,12 @@ class TableView:
             parts.append(start + (np.arange(s.rows) if keep is None else np.flatnonzero(keep)))
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    def take(self, indices: np.ndarray, columns: Optional[Sequence[str]] = None) -> pa.Table:
-        """Rows at `indices` (B,) into concat(), in that order (repeats allowed), as heap copies."""
+    def take(self, indices: np.ndarray, columns: Optional[Sequence[str]] = None,
+             after_column: Optional[Callable[[], None]] = None) -> pa.Table:
+        """Rows at `indices` (B,) into concat(), in that order (repeats allowed), as heap copies.
+
+        after_column: called after each column is gathered (the store's page budget check).
+        """
         indices = np.asarray(indices, dtype=np.int64)
         schema = self._batches[0].schema if self._batches else self.concat().schema
         names = list(columns) if columns is not None else schema.names
@@ -250,6 +255,8 @@ class TableView:
             layout = self._layout(name)
             arrays.append(layout.gather(self.arena, b, r) if layout is not None
                           else self._slow_take(name, b, r))
+            if after_column is not None:
+                after_column()
         return pa.Table.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in names]))
 
     def _layout(self, name: str) -> Optional[Layout]:

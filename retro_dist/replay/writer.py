@@ -7,7 +7,7 @@ under its final name (no rename: S3 has none), and the catalog PUT alone commits
 "sealer" thread, in order, so append() does not stall on the disk; `seal()` waits for them.
 A crash therefore loses at most rows the caller never saw acknowledged (`committed_rows` did
 not count them yet) and resends; keys already stored by this writer are dropped on the way
-in, so a resend after a restart is stored once. One writer_id belongs to one process at a time.
+in (by 64-bit key hash), so a resend after a restart is stored once. One writer_id belongs to one process at a time.
 """
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from retro_dist.core.records import SCHEMAS
 from retro_dist.replay.catalog import (TMP_SUFFIX, Catalog, SegmentEntry, StoreLocation,
-                                       catalog_rel, check_name, first_unseen, load_catalog,
-                                       parse_own_segment, read_segment, segment_name)
+                                       catalog_rel, check_name, load_catalog, parse_own_segment,
+                                       read_segment, segment_name)
 from retro_dist.replay.config import ReplayConfig
+from retro_dist.replay.gather import hash_keys
+from retro_dist.replay.keyset import HashSet
 
 
 class _OpenSegment:
@@ -80,8 +83,9 @@ class ReplayWriter:
         self._lock = threading.Lock()  # guards _catalog between append and the sealer thread
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{writer_id}")
         self._inflight: list[Future] = []
-        # Keys this writer has stored, per table (trials and reflections share keys by design).
-        self._known: dict[str, set[str]] = {}
+        # Hashes of the keys this writer has stored, per table (trials and reflections share
+        # keys by design): a numpy hash set, so a batch costs a few vectorised probes.
+        self._known: dict[str, HashSet] = {}
         self._made_dirs: set[str] = set()
         self._closed = False
         self._recover()
@@ -140,7 +144,7 @@ class ReplayWriter:
             data = read_segment(self._loc, entry.rel_path, entry.table, entry.rows)
         except Exception:
             return  # damaged: the reader quarantines it with a warning
-        self._known.setdefault(entry.table, set()).update(data.column("key").to_pylist())
+        self._known.setdefault(entry.table, HashSet()).add(hash_keys(data.column("key")))
 
     # ---- append ------------------------------------------------------------------------------
 
@@ -156,8 +160,8 @@ class ReplayWriter:
         self._check_schema(check_name("table", table), batch)
         self._reap(wait=False)  # surface a failed seal on the next call, not at close()
         self._seal_due()
-        fresh, keys = self._drop_known(table, batch)
-        known = self._known.setdefault(table, set())
+        fresh, hashes = self._drop_known(table, batch)
+        known = self._known.setdefault(table, HashSet())
         offset = 0
         while offset < fresh.num_rows:
             seg = self._open.get(table) or self._start(table, fresh.schema)
@@ -170,7 +174,7 @@ class ReplayWriter:
                 self._seal_one(table)
             if self.unacked_rows >= self.cfg.max_unacked_rows:
                 self.seal()  # the bound: wait for the disk before taking more rows
-        known.update(keys)
+        known.add(hashes)  # after the writes: a failed append leaves its keys resendable
         return fresh.num_rows
 
     def _check_schema(self, table: str, batch: pa.RecordBatch) -> None:
@@ -184,20 +188,23 @@ class ReplayWriter:
         if batch.column("key").null_count:
             raise ValueError(f"replay table {table!r}: 'key' has nulls")
 
-    def _drop_known(self, table: str, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[str]]:
+    def _drop_known(self, table: str, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray]:
         """Drop rows whose key is already stored or repeats earlier in the batch.
 
-        Fast path (every fresh batch): one C-level set build and a disjointness test, no
-        per-row Python. The slow path (a resend) stays vectorised: is_in + group-by-min.
-        Returns (kept rows, their keys).
+        Keys are compared by 64-bit hash (gather.hash_keys): one vectorised hash, one probe
+        of the writer's HashSet and a sort for repeats inside the batch; no per-row Python.
+        Returns (kept rows, their key hashes).
         """
-        keys = batch.column("key").to_pylist()
-        known = self._known.get(table, set())
-        fresh = set(keys)
-        if len(fresh) == len(keys) and known.isdisjoint(fresh):
-            return batch, keys
-        kept = batch.take(pa.array(first_unseen(batch.column("key"), fresh & known)))
-        return kept, kept.column("key").to_pylist()
+        hashes = hash_keys(batch.column("key"))
+        known = self._known.get(table)
+        stored = known.contains(hashes) if known is not None else np.zeros(hashes.size, bool)
+        ordered = np.sort(hashes)
+        if not stored.any() and not (ordered[1:] == ordered[:-1]).any():
+            return batch, hashes
+        keep = np.zeros(hashes.size, bool)
+        keep[np.unique(hashes, return_index=True)[1]] = True  # first occurrence wins
+        keep &= ~stored
+        return batch.filter(pa.array(keep)), hashes[keep]
 
     # ---- seal --------------------------------------------------------------------------------
 

@@ -149,9 +149,11 @@ def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dic
     t0 = time.perf_counter()
     store = ReplayStore(root, cfg)
     assert store.num_rows("reflections") == n_rows, store.num_rows("reflections")
-    res = {"store_open_s": time.perf_counter() - t0, "rss_after_open_gb": _proc_status("VmRSS")}
+    res = {"store_open_s": time.perf_counter() - t0, "rss_after_open_gb": _proc_status("VmRSS"),
+           "rss_peak_open_gb": _proc_status("VmHWM")}
     rng = np.random.default_rng(0)
     res["uniform_rows_per_s"] = _rate(lambda: store.sample("reflections", 256, rng=rng), iters)
+    res["rss_peak_uniform_gb"] = _proc_status("VmHWM")
     store.cfg = ReplayConfig(**{**cfg.__dict__, "sampler": "prioritised"})
     t1 = time.perf_counter()
     store.sample("reflections", 256, rng=rng)

@@ -36,6 +36,7 @@ from retro_dist.core.records import SCHEMAS
 from retro_dist.replay.arena import PAGE, Arena
 from retro_dist.replay.catalog import Catalog, SegmentEntry, StoreLocation, check_segment
 from retro_dist.replay.config import ReplayConfig
+from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.ratelimit import RateLimitedError, RateLimiter
 from retro_dist.replay.view import TableView
 
@@ -108,11 +109,18 @@ class ReplayStore:
         return self._views[table]
 
     def _load_pending(self, table: str) -> None:
-        entries = self._pending.pop(table, [])
-        opened = [(e, d) for e in entries if (d := self._open(e)) is not None]
-        kept = self._views[table].add_many(opened)
+        opened, hashes = [], []
+        for entry in self._pending.pop(table, []):
+            data = self._open(entry)
+            if data is not None:
+                opened.append((entry, data))
+                hashes.append(hash_keys(data.column("key")))
+            # The key, offset and version pages just read: drop them segment by segment, so
+            # opening a store of any size maps about one segment's worth at a time.
+            self._arena.release_pages()
+        kept = self._views[table].add_many(opened, hashes)
         self._limiters[table].insert(sum(kept))
-        self._arena.release_pages()  # the key and version columns read on the way in
+        self._arena.release_pages()
 
     def _open(self, entry: SegmentEntry) -> Optional[pa.Table]:
         """One catalogued segment, zero-copy in the arena; None if missing or quarantined."""

@@ -73,15 +73,18 @@ class TableView:
         """Append one segment, dropping rows whose key is already held. Returns rows kept."""
         return self.add_many([(entry, data)])[0]
 
-    def add_many(self, items: list[tuple[SegmentEntry, pa.Table]]) -> list[int]:
+    def add_many(self, items: list[tuple[SegmentEntry, pa.Table]],
+                 hashes: Optional[list[np.ndarray]] = None) -> list[int]:
         """Append segments in order, each row kept unless its key is held or came earlier.
 
         One dedup pass over all of them: a bulk open sorts the new hashes once.
+        hashes: each segment's hash_keys(key column), when the caller already has them.
         """
         if not items:
             return []
         items = [(e, d if self._in_arena(d) else self._rewrite(d)) for e, d in items]
-        hashes = [hash_keys(d.column("key")) for _, d in items]
+        if hashes is None:
+            hashes = [hash_keys(d.column("key")) for _, d in items]
         flat = np.concatenate(hashes)
         keep = np.zeros(flat.size, bool)
         keep[np.unique(flat, return_index=True)[1]] = True  # first occurrence wins

@@ -5,6 +5,7 @@ Sealing = close the stream, fsync, atomic rename to the final name, then rewrite
 catalog file (the commit point, see catalog.py). On an object store the segment is uploaded
 under its final name (no rename: S3 has none), and the catalog PUT alone commits it. The last three steps run on one background
 "sealer" thread, in order, so append() does not stall on the disk; `seal()` waits for them.
+Seals queued behind a slow disk are committed as one group (one catalog write).
 A crash therefore loses at most rows the caller never saw acknowledged (`committed_rows` did
 not count them yet) and resends; keys already stored by this writer are dropped on the way
 in (by 64-bit key hash), so a resend after a restart is stored once. One writer_id belongs to one process at a time.
@@ -83,6 +84,7 @@ class ReplayWriter:
         self._lock = threading.Lock()  # guards _catalog between append and the sealer thread
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{writer_id}")
         self._inflight: list[Future] = []
+        self._queued: list[_OpenSegment] = []  # sealed, waiting for the sealer thread
         # Hashes of the keys this writer has stored, per table (trials and reflections share
         # keys by design): a numpy hash set, so a batch costs a few vectorised probes.
         self._known: dict[str, HashSet] = {}
@@ -241,23 +243,39 @@ class ReplayWriter:
         seg.stream.close()  # writes the end-of-stream marker
         seg.nbytes_final = seg.nbytes
         seg.sink.close()
-        self._inflight.append(self._sealer.submit(self._commit, seg))
+        with self._lock:
+            self._queued.append(seg)
+        self._inflight.append(self._sealer.submit(self._commit_queued))
         self._reap(wait=False)
 
-    def _commit(self, seg: _OpenSegment) -> None:
-        """Sealer thread: fsync, atomic rename (local disk), then the catalog write that commits."""
-        if seg.tmp_rel != seg.rel:
+    def _commit_queued(self) -> None:
+        """Sealer thread: commit every segment sealed so far, as one group.
+
+        fsync and rename each file (local disk), fsync each directory once, then one
+        catalog write commits them all. When the caller outpaces the disk several seals
+        queue up, and the directory and catalog fsyncs (a journal commit each) are paid once
+        per group instead of once per segment.
+        """
+        with self._lock:
+            group, self._queued = self._queued, []
+        if not group:
+            return  # an earlier call committed these
+        renamed = [seg for seg in group if seg.tmp_rel != seg.rel]
+        for seg in renamed:
             self._loc.fsync(seg.tmp_rel)
             self._loc.fs.move(self._loc.path(seg.tmp_rel), self._loc.path(seg.rel))
-            self._loc.fsync(f"segments/{seg.table}", directory=True)
-        entry = SegmentEntry(seg.table, seg.name, self.writer_id, seg.seq, seg.rows,
-                             seg.nbytes_final, time.time(), seg.min_version, seg.max_version)
+        for table in sorted({seg.table for seg in renamed}):
+            self._loc.fsync(f"segments/{table}", directory=True)
+        now = time.time()
         with self._lock:
-            self._catalog.segments.append(entry)
+            self._catalog.segments += [
+                SegmentEntry(seg.table, seg.name, self.writer_id, seg.seq, seg.rows,
+                             seg.nbytes_final, now, seg.min_version, seg.max_version)
+                for seg in group]
             data = self._catalog.to_json()
-        # A crash before this rename leaves an uncatalogued segment; _recover adopts it.
+        # A crash before this write leaves uncatalogued segments; _recover adopts them.
         self._loc.write_atomic(catalog_rel(self.writer_id), data)
-        self._committed += seg.rows
+        self._committed += sum(seg.rows for seg in group)
 
     def _reap(self, wait: bool) -> None:
         """Collect finished seals (all of them if `wait`); re-raise a sealer error here."""

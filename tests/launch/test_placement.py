@@ -46,12 +46,11 @@ def test_the_old_gpu_config_is_refused_on_both_counts():
 
 
 def test_fractional_gpus_must_fit_inside_one_gpu_and_share_its_memory():
-    cfg = load_config(ROOT / PAIRS[1][0], ["rollout.worker_num_gpus=0.5", "rollout.num_workers=6", "rollout.worker_num_cpus=4",
-                                            "vllm.gpu_memory_utilization=0.2"])
+    small = ["rollout.worker_num_cpus=4", "vllm.gpu_memory_utilization=0.2"]
+    cfg = load_config(ROOT / PAIRS[1][0], ["rollout.worker_num_gpus=0.5", "rollout.num_workers=6", *small])
     assert gpu_memory_per_gpu(cfg) == pytest.approx(0.8)  # 2 workers × 2 engines × 0.2
     check_placement(cfg, [Node("n", 48, 4)])  # 1 learner GPU + 6 halves on 3 GPUs
-    cfg = load_config(ROOT / PAIRS[1][0], ["rollout.worker_num_gpus=0.4", "rollout.num_workers=7", "rollout.worker_num_cpus=4",
-                                            "vllm.gpu_memory_utilization=0.2"])
+    cfg = load_config(ROOT / PAIRS[1][0], ["rollout.worker_num_gpus=0.4", "rollout.num_workers=7", *small])
     with pytest.raises(PlacementError, match="rollout worker 6"):  # 2 per GPU (0.8), 0.2 left on each
         check_placement(cfg, [Node("n", 48, 4)])
 

@@ -173,7 +173,7 @@ class LearnerConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Forward-pass precision: `auto` = bf16 autocast on CUDA, fp32 on CPU; master weights and the LM head's log-softmax stay fp32."""
     gradient_checkpointing: bool = False
-    """Recompute the transformer's activations in the backward pass (less memory for long prompts, ~30% more compute)."""
+    """Recompute the transformer's activations in the backward pass (less activation memory for long prompts, for about one more forward pass of compute)."""
     updates_per_iteration: int = 2
     """Gradient steps per iteration (one policy version per iteration)."""
     loss: Literal["reinforce", "ppo_clip"] = "reinforce"
@@ -193,7 +193,7 @@ class LearnerConfig:
     sft_iterations: int = 0
     """Warm start (the paper's SFT stage): the first n iterations maximise the likelihood of positively rewarded reflections in the store."""
     probe_tolerance: float = 2e-2
-    """Cap on the probe check after a sync: mean |log-prob| gap per probe token, learner vs worker; each version's tolerance lies between the bf16 precision floor and half the distance the version moved the probe (learner/probe.py)."""
+    """Cap on the probe check after a sync: mean absolute log-prob gap per probe token, learner vs worker; each version's tolerance lies between the bf16 precision floor and half the distance the version moved the probe (learner/probe.py)."""
     max_policy_lag: int = 2
     """Async mode: rows more than this many versions behind the learner are never trained on (counted), and workers this far behind pause."""
     updates_per_version: int = 1

@@ -8,8 +8,9 @@
   `logs/vllm.log`, via a generated logging config (`VLLM_LOGGING_CONFIG_PATH`).
 - Driver (`RunLogs`): every log record at INFO and up, Ray's driver-side records and Python warnings
   go to `logs/driver.log`; records at WARNING and up also reach the terminal (through `tqdm.write`,
-  so they do not garble the progress bar), except Python warnings (library deprecation chatter:
-  file only) and Ray's one-per-run token-authentication notice (file only).
+  so they do not garble the progress bar), except Python warnings (library deprecation chatter),
+  Ray's one-per-run token-authentication notice and vLLM's few records from before its logging
+  config applies: those are file only.
 - `logs/ray` links to the local Ray session's own logs (raylet, GCS, Ray's copies of worker output).
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Optional
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Standard record fields only, so the format works with any vLLM version's records.
 VLLM_FORMAT = "%(asctime)s %(processName)s pid=%(process)d %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
-# Driver-side loggers whose warnings are informational here: file only.
-FILE_ONLY_LOGGERS = ("py.warnings", "ray._private.authentication")
+# Driver-side loggers whose warnings are informational here: file only (vLLM records that reach the root
+# logger are the few it emits before its own logging config applies; the rest are in logs/vllm.log).
+FILE_ONLY_LOGGERS = ("py.warnings", "ray._private.authentication", "vllm")
 
 _kept_streams: list = []  # the streams replaced by redirect_process_output, never closed (see there)
 

@@ -79,12 +79,13 @@ def test_driver_records_file_and_terminal(tmp_path, capfd):
         log.warning("a warning record")
         warnings.warn("a library deprecation", FutureWarning)
         logging.getLogger("ray._private.authentication.x").warning("token notice")
+        logging.getLogger("vllm.triton_utils.importing").warning("early vllm record")
     finally:
         logs.close()
     out, err = capfd.readouterr()
     driver = (tmp_path / "logs" / "driver.log").read_text()
     assert "an info record" in driver and "a warning record" in driver
-    assert "a library deprecation" in driver and "token notice" in driver
+    assert "a library deprecation" in driver and "token notice" in driver and "early vllm record" in driver
     assert out == "" and err == "retro-dist: WARNING retro_dist.test_logs: a warning record\n"
     logging.getLogger("retro_dist.test_logs").warning("after close")  # handlers are gone again
     assert "after close" not in (tmp_path / "logs" / "driver.log").read_text()

@@ -21,6 +21,10 @@ Figures:
   slowest prompt does), both at the same C.
 - `client_only_vs_ideal_c<C>` (largest C): the async OpenAI client alone (S sequential requests per
   "episode", no simulators, no prompts): the ceiling the HTTP client puts on the runner.
+
+The client (`AsyncOpenAIClient`) runs on aiohttp. It ran on httpx until this benchmark measured
+0.25 of ideal at C=256 with it (the httpx client alone: 0.26), httpcore's pool costing milliseconds
+of CPU per request at a few hundred in flight (encode/httpx#3215).
 """
 from __future__ import annotations
 
@@ -90,37 +94,6 @@ class RssProbe:
         self._thread.join()
 
 
-class AiohttpOpenAIClient(AsyncOpenAIClient):
-    """Benchmark-only comparison: the shipped async OpenAI client with aiohttp in place of httpx.
-
-    httpcore's connection pool rescans every connection for every queued request, so hundreds of
-    concurrent requests cost it milliseconds of CPU each (encode/httpx#3215, encode/httpcore#1035);
-    this shows what the runner and the pool reach when the transport is not the limit."""
-
-    def __init__(self, cfg: ActorConfig, max_connections: int = 64):
-        self.model, self.base_url, self.tokenizer = cfg.model, cfg.base_url.rstrip("/"), None
-        self._limit, self._timeout, self._session = max_connections, cfg.request_timeout_s, None
-
-    async def generate_text(self, prompt: str, max_new_tokens: int, temperature: float, seed: int = 0) -> str:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._limit),
-                                                  timeout=aiohttp.ClientTimeout(total=self._timeout))
-        body = dict(model=self.model, prompt=str(prompt), max_tokens=max_new_tokens, temperature=temperature,
-                    stop=["\n"], seed=seed)
-        async with self._session.post(f"{self.base_url}/completions", json=body) as resp:
-            resp.raise_for_status()
-            return (await resp.json())["choices"][0]["text"]
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-CLIENTS = {"httpx": AsyncOpenAIClient, "aiohttp": AiohttpOpenAIClient}
-
-
 def actor_cfg(url: str) -> ActorConfig:
     return ActorConfig(backend="openai", base_url=url, model="fake", temperature=0.0, request_timeout_s=120.0)
 
@@ -133,11 +106,11 @@ def check_episode(trials, steps: int) -> None:
 
 
 async def continuous(url: str, cfg: EnvConfig, tasks, c: int, steps: int, episodes: int, simulators: int,
-                     probe: RssProbe | None = None, client: str = "httpx") -> dict:
+                     probe: RssProbe | None = None) -> dict:
     """Episodes/s of one worker's ContinuousRunner with C in flight and a pool of `simulators`."""
     acfg = actor_cfg(url)
     # the client caps connections at 64 by default; C episodes in flight need C
-    actor = AsyncActorPolicy(acfg, CLIENTS[client](acfg, max_connections=c))
+    actor = AsyncActorPolicy(acfg, AsyncOpenAIClient(acfg, max_connections=c))
     pool = SimulatorPool(cfg, simulators)
     try:
         # start every simulator (JVM) before the clock: the pool builds them lazily
@@ -191,10 +164,10 @@ def lockstep(url: str, cfg: EnvConfig, tasks, c: int, steps: int, episodes: int)
             e.close()
 
 
-async def client_only(url: str, c: int, steps: int, episodes: int, client_name: str) -> float:
+async def client_only(url: str, c: int, steps: int, episodes: int) -> float:
     """Episodes/s of the async OpenAI client alone: C loops of S sequential requests."""
     acfg = actor_cfg(url)
-    client = CLIENTS[client_name](acfg, max_connections=c)
+    client = AsyncOpenAIClient(acfg, max_connections=c)
     todo = iter(range(episodes))
 
     async def slot():
@@ -238,44 +211,37 @@ def run(args) -> dict:
     print(f"env step {1000 * res['env_step_seconds']:.2f} ms = {100 * res['env_share_of_step']:.2f} % of a "
           f"step at L={lat}s; S={s}, pool of {args.simulators} simulators, 1 trial, no reflections")
     top = max(args.concurrency)
-    print(f"{'C':>5} {'client':>8} {'episodes':>8} {'eps/s':>8} {'ideal':>8} {'ratio':>6} {'restores':>8} {'MB/ep':>6}")
+    print(f"{'C':>5} {'episodes':>8} {'eps/s':>8} {'ideal':>8} {'ratio':>6} {'restores':>8} {'MB/ep':>6}")
     with spawn(lat, reply=REPLY) as (url, server_pid):
-        # the shipped client at every C; the aiohttp comparison at the largest C only
-        runs = [(c, "httpx") for c in args.concurrency] + [(top, "aiohttp")] * args.compare_clients
-        for c, client in runs:
-            sfx = "" if client == "httpx" else f"_{client}"
+        for c in args.concurrency:
             n = max(min(args.rounds * c, args.max_episodes), 2)
             probe = RssProbe({server_pid}) if c == top else None
-            r = asyncio.run(continuous(url, cfg, tasks, c, s, n, args.simulators, probe, client))
+            r = asyncio.run(continuous(url, cfg, tasks, c, s, n, args.simulators, probe))
             ideal = c / (s * lat)
-            res[f"rollout_vs_ideal_c{c}{sfx}"] = r["episodes_per_s"] / ideal
-            res[f"episodes_per_s_c{c}{sfx}"] = r["episodes_per_s"]
-            res[f"pool_c{c}{sfx}"] = r["pool"]
+            res[f"rollout_vs_ideal_c{c}"] = r["episodes_per_s"] / ideal
+            res[f"episodes_per_s_c{c}"] = r["episodes_per_s"]
+            res[f"pool_c{c}"] = r["pool"]
             mb = f"{probe.peak_mb / c:6.2f}" if probe else ""
-            print(f"{c:>5} {client:>8} {n:>8} {r['episodes_per_s']:>8.2f} {ideal:>8.2f} "
+            print(f"{c:>5} {n:>8} {r['episodes_per_s']:>8.2f} {ideal:>8.2f} "
                   f"{r['episodes_per_s'] / ideal:>6.2f} {r['pool']['restores']:>8} {mb}")
             if probe is not None:
-                res[f"worker_rss_mb{sfx}"] = probe.peak_mb
-                res[f"worker_rss_mb_per_episode{sfx}"] = probe.peak_mb / c
-                res[f"jvms_at_peak{sfx}"] = probe.peak_jvms
-                res[f"jvm_rss_mb_mean{sfx}"] = sum(probe.jvm_mb) / max(1, len(probe.jvm_mb))
+                res["worker_rss_mb"] = probe.peak_mb
+                res["worker_rss_mb_per_episode"] = probe.peak_mb / c
+                res["jvms_at_peak"] = probe.peak_jvms
+                res["jvm_rss_mb_mean"] = sum(probe.jvm_mb) / max(1, len(probe.jvm_mb))
         print(f"      RSS at C={top}: {res['worker_rss_mb']:.0f} MB in all ({res['jvms_at_peak']} JVMs, "
               f"{res['jvm_rss_mb_mean']:.0f} MB each)")
-        for client in ["httpx", "aiohttp"][:1 + args.compare_clients]:
-            sfx = "" if client == "httpx" else f"_{client}"
-            res[f"client_only_vs_ideal_c{top}{sfx}"] = (asyncio.run(client_only(url, top, s, top, client))
-                                                        / (top / (s * lat)))
-            print(f"      {client} client alone at C={top}: {res[f'client_only_vs_ideal_c{top}{sfx}']:.2f} of ideal")
+        res[f"client_only_vs_ideal_c{top}"] = asyncio.run(client_only(url, top, s, top)) / (top / (s * lat))
+        print(f"      client alone at C={top}: {res[f'client_only_vs_ideal_c{top}']:.2f} of ideal")
         res["rss_by_pool_size"] = {}
-        sweep_client = "aiohttp" if args.compare_clients else "httpx"
         for p in args.pool_sweep:
             probe = RssProbe({server_pid})
             n = max(min(args.rounds * top, args.max_episodes), 2)
-            r = asyncio.run(continuous(url, cfg, tasks, top, s, n, p, probe, sweep_client))
+            r = asyncio.run(continuous(url, cfg, tasks, top, s, n, p, probe))
             res["rss_by_pool_size"][str(p)] = {"rss_mb_per_episode": probe.peak_mb / top,
                                                "rollout_vs_ideal": r["episodes_per_s"] / (top / (s * lat)),
-                                               "restores": r["pool"]["restores"], "client": sweep_client}
-            print(f"      pool {p:>3} at C={top} ({sweep_client}): {probe.peak_mb / top:.2f} MB/episode, "
+                                               "restores": r["pool"]["restores"]}
+            print(f"      pool {p:>3} at C={top}: {probe.peak_mb / top:.2f} MB/episode, "
                   f"{r['episodes_per_s'] / (top / (s * lat)):.2f} of ideal")
     tc, tl, n = args.tail_concurrency, args.tail_latency, args.tail_rounds * args.tail_concurrency
     with spawn(tl, tail_fraction=0.05, tail_factor=10.0, reply=REPLY) as (url, _):
@@ -304,8 +270,6 @@ def main() -> None:
     p.add_argument("--tail-latency", type=float, default=0.2)
     p.add_argument("--tail-concurrency", type=int, default=16)
     p.add_argument("--tail-rounds", type=int, default=4)
-    p.add_argument("--compare-clients", type=int, default=1,
-                   help="1: also run the largest C with the client over aiohttp instead of httpx (a comparison)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: small C, short latency")
     args = p.parse_args()
     if args.quick:

@@ -89,16 +89,18 @@ class AsyncReflectorPolicy:
 
 
 async def build_async_policies(actor: ActorConfig, reflector: ReflectorConfig, engine: VLLMConfig, seed: int,
-                               device: str = "cpu") -> tuple[AsyncActorPolicy, AsyncReflectorPolicy]:
+                               device: str = "cpu", max_in_flight: int = 64
+                               ) -> tuple[AsyncActorPolicy, AsyncReflectorPolicy]:
     """Build a worker's async backends, sharing one engine where the models coincide (as
-    `build_policies` does). Await it inside the event loop that will use the policies."""
+    `build_policies` does). Await it inside the event loop that will use the policies.
+    `max_in_flight`: the worker's concurrent episodes (an HTTP actor opens that many connections)."""
     refl_backend: AsyncBackend
     if reflector.backend == "vllm":
         refl_backend = await AsyncVLLMEngine.start(reflector.model, engine, reflector, seed)
     else:
         refl_backend = HFBatcher(HFBackend(reflector.model, reflector, device))
     if actor.backend == "openai":
-        actor_backend = AsyncOpenAIClient(actor)
+        actor_backend = AsyncOpenAIClient(actor, max_connections=max_in_flight)
     elif actor.backend == reflector.backend and actor.model == reflector.model:
         actor_backend = refl_backend  # one engine / one model: actor requests go without the adapter
     elif actor.backend == "vllm":

@@ -127,12 +127,13 @@ class RaySystem:
         from retro_dist.rollout.streaming import StreamingWorker
 
         r = self.cfg.rollout
-        self.ray.get(self.learner.start.remote())  # publishes the first version before any worker asks
+        self.ray.get(self.learner.publish_current.remote())  # workers start on the current version
         worker_cls = self.ray.remote(StreamingWorker).options(num_cpus=r.worker_num_cpus,
                                                              num_gpus=r.worker_num_gpus, max_restarts=0)
         self.workers = [worker_cls.remote(spec, self.source, self.cfg.learner.max_policy_lag, g)
                         for spec, g in zip(self.specs, groups)]
-        self.ray.get([w.start.remote() for w in self.workers])
+        self.ray.get([w.start.remote() for w in self.workers])  # engines built, first adapter loaded
+        self.ray.get(self.learner.start.remote())
 
     def poll_async(self) -> tuple[dict, list[dict]]:
         return self.ray.get(self.learner.poll.remote()), self.ray.get([w.poll.remote() for w in self.workers])
@@ -189,10 +190,11 @@ class LocalSystem:
     def start_async(self, groups: list[int]) -> None:
         from retro_dist.rollout.streaming import StreamingWorker
 
-        self.learner.start()
+        self.learner.publish_current()
         self.workers = [StreamingWorker(self.spec, self.source, self.cfg.learner.max_policy_lag, groups[0])]
         for w in self.workers:
             w.start()
+        self.learner.start()
 
     def poll_async(self) -> tuple[dict, list[dict]]:
         return self.learner.poll(), [w.poll() for w in self.workers]

@@ -46,9 +46,16 @@ class LearnerLoop:
         """Continue from the newest complete checkpoint (version and step count), if any."""
         return self.learner.restore()
 
+    def publish_current(self) -> int:
+        """Publish the current version (0, or the restored one) so workers can start on it."""
+        if not self._published:
+            self._publish()
+        return self.learner.version
+
     def start(self) -> int:
-        """Publish the current version (0, or the restored one) and start looping; returns it."""
-        self._publish()
+        """Start looping (publishing the current version first if not yet done); returns it."""
+        self.publish_current()
+        self._t_start = self._t_poll = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="learner-loop", daemon=True)
         self._thread.start()
         return self.learner.version

@@ -184,7 +184,8 @@ class _Stream:
 
         w, s, r = self.w, self.w.spec, self.w.spec.rollout
         w._loop = asyncio.get_running_loop()
-        w.actor, w.reflector = await build_async_policies(s.actor, s.reflector, s.vllm, seed=s.seed + s.worker_id)
+        w.actor, w.reflector = await build_async_policies(s.actor, s.reflector, s.vllm, seed=s.seed + s.worker_id,
+                                                          max_in_flight=r.concurrent_episodes)
         pool = SimulatorPool(s.env, r.simulators)
         w._writer = ReplayWriter(s.replay_root, f"worker-{s.worker_id}", s.replay)
         try:

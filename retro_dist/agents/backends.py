@@ -250,6 +250,12 @@ class VLLMBackend:
                 shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
+        # Stop the engine's processes now, while logging streams are open: left to vLLM's exit-time
+        # finalizer, its shutdown messages go to handlers whose streams may already be closed
+        # ("--- Logging error ---" at exit).
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     def _lora(self, use_adapter: bool):

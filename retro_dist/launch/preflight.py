@@ -53,6 +53,9 @@ def check_envs(cfg: Config) -> None:
 
 
 def preflight(cfg: Config) -> None:
+    from retro_dist.launch.placement import check_gpu_memory
+
+    check_gpu_memory(cfg)  # engines sharing a GPU must fit in it
     if cfg.actor.backend != "openai":
         check_model("actor.model", cfg.actor.model)
     check_model("reflector.model", cfg.reflector.model)

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from retro_dist.config import Config, ConfigError
+from retro_dist.launch.logs import RunLogs, with_output_redirect
 from retro_dist.rollout.weight_source import LocalWeightSource
 
 
@@ -62,19 +63,39 @@ def start_groups(run_dir: Path, cfg: Config, count: int) -> list[int]:
     return out
 
 
+def _group_loop(loop_args: tuple) -> type:
+    """Rank 0 of a data-parallel learner group in async mode: the learner loop around a Learner
+    built with the group's `dist` (LearnerGroup builds its leader with the Learner's arguments)."""
+    from retro_dist.learner.learner import Learner
+    from retro_dist.learner.streaming import LearnerLoop
+
+    class GroupLearnerLoop(LearnerLoop):
+        def __init__(self, *learner_args, dist):
+            super().__init__(functools.partial(Learner, *learner_args, dist=dist), *loop_args)
+
+        def close_group(self) -> None:
+            self.learner.close_group()
+
+    return GroupLearnerLoop
+
+
 class RaySystem:
     """A learner actor, N worker actors and the weight board on a Ray cluster."""
 
-    def __init__(self, cfg: Config, run_dir: Path, address: Optional[str]):
+    def __init__(self, cfg: Config, run_dir: Path, address: Optional[str], logs: RunLogs):
         import ray
 
         from retro_dist.launch.weights import RayWeightSink, RayWeightSource, WeightBoard
 
+        from retro_dist.launch.learner_group import LearnerGroup
+
         self.ray, self.cfg, self.run_dir = ray, cfg, run_dir
+        self.group = None  # a data-parallel learner group when learner.num_gpus > 1
+        self.log_dir = str(logs.dir)  # each actor's output: logs/<name>.log
         env_vars = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
         r = cfg.rollout
         if address:
-            ray.init(address=address, runtime_env={"env_vars": env_vars})
+            context = ray.init(address=address, **logs.ray_init_kwargs(env_vars))
         else:
             import torch
 
@@ -82,8 +103,9 @@ class RaySystem:
                 raise ConfigError("rollout.worker_num_gpus / learner.num_gpus > 0 but this machine has no GPU: "
                                   "the actors would wait forever; set them to 0 or join a GPU cluster")
             need = r.num_workers * r.worker_num_cpus + 1
-            ray.init(num_cpus=cfg.ray.num_cpus or int(np.ceil(need)), _node_ip_address="127.0.0.1",
-                     include_dashboard=False, runtime_env={"env_vars": env_vars})
+            context = ray.init(num_cpus=cfg.ray.num_cpus or int(np.ceil(need)), _node_ip_address="127.0.0.1",
+                               include_dashboard=False, **logs.ray_init_kwargs(env_vars))
+        logs.link_ray_session(context)
         self.board = ray.remote(WeightBoard).options(num_cpus=0).remote()
         self.num_workers = max(1, r.num_workers)  # joining a cluster with num_workers 0: one worker actor
         self.specs = worker_specs(cfg, run_dir, self.num_workers)
@@ -93,17 +115,26 @@ class RaySystem:
             from retro_dist.learner.learner import Learner
             from retro_dist.rollout.worker import RolloutWorker
 
-            self.learner = ray.remote(Learner).options(**learner_opts).remote(
-                *learner_factory(cfg, run_dir).args)
-            worker_cls = ray.remote(RolloutWorker).options(num_cpus=r.worker_num_cpus, num_gpus=r.worker_num_gpus,
-                                                          max_restarts=0)
-            self.workers = [worker_cls.remote(spec, self.source) for spec in self.specs]
+            if cfg.learner.num_gpus > 1:  # data-parallel ranks; rank 0 is used like a single learner
+                self.group = LearnerGroup(*learner_factory(cfg, run_dir).args)
+                self.learner = self.group.leader
+            else:
+                self.learner = ray.remote(with_output_redirect(Learner)).options(**learner_opts).remote(
+                    self.log_dir, "learner", *learner_factory(cfg, run_dir).args)
+            worker_cls = ray.remote(with_output_redirect(RolloutWorker)).options(
+                num_cpus=r.worker_num_cpus, num_gpus=r.worker_num_gpus, max_restarts=0)
+            self.workers = [worker_cls.remote(self.log_dir, f"worker-{spec.worker_id}", spec, self.source)
+                            for spec in self.specs]
         else:
             from retro_dist.learner.streaming import LearnerLoop
 
-            self.learner = ray.remote(LearnerLoop).options(**learner_opts).remote(
-                learner_factory(cfg, run_dir), self.sink, cfg.run.updates, cfg.learner.updates_per_version,
-                cfg.learner.max_policy_lag)
+            loop_args = (self.sink, cfg.run.updates, cfg.learner.updates_per_version, cfg.learner.max_policy_lag)
+            if cfg.learner.num_gpus > 1:
+                self.group = LearnerGroup(*learner_factory(cfg, run_dir).args, leader_cls=_group_loop(loop_args))
+                self.learner = self.group.leader
+            else:
+                self.learner = ray.remote(with_output_redirect(LearnerLoop)).options(**learner_opts).remote(
+                    self.log_dir, "learner", learner_factory(cfg, run_dir), *loop_args)
             self.workers = []
 
     # ---- sync ------------------------------------------------------------------------------------
@@ -128,9 +159,10 @@ class RaySystem:
 
         r = self.cfg.rollout
         self.ray.get(self.learner.publish_current.remote())  # workers start on the current version
-        worker_cls = self.ray.remote(StreamingWorker).options(num_cpus=r.worker_num_cpus,
-                                                             num_gpus=r.worker_num_gpus, max_restarts=0)
-        self.workers = [worker_cls.remote(spec, self.source, self.cfg.learner.max_policy_lag, g)
+        worker_cls = self.ray.remote(with_output_redirect(StreamingWorker)).options(
+            num_cpus=r.worker_num_cpus, num_gpus=r.worker_num_gpus, max_restarts=0)
+        self.workers = [worker_cls.remote(self.log_dir, f"worker-{spec.worker_id}", spec, self.source,
+                                          self.cfg.learner.max_policy_lag, g)
                         for spec, g in zip(self.specs, groups)]
         self.ray.get([w.start.remote() for w in self.workers])  # engines built, first adapter loaded
         self.ray.get(self.learner.start.remote())
@@ -138,8 +170,8 @@ class RaySystem:
     def poll_async(self) -> tuple[dict, list[dict]]:
         return self.ray.get(self.learner.poll.remote()), self.ray.get([w.poll.remote() for w in self.workers])
 
-    def learner_done(self) -> bool:
-        return self.ray.get(self.learner.progress.remote())["done"]
+    def learner_progress(self) -> dict:
+        return self.ray.get(self.learner.progress.remote())
 
     def stop_async(self) -> tuple[dict, list[dict]]:
         learner = self.ray.get(self.learner.stop.remote())
@@ -150,6 +182,8 @@ class RaySystem:
         try:
             if self.cfg.run.mode == "sync":
                 self.ray.get([w.close.remote() for w in self.workers], timeout=60)
+            if self.group is not None:
+                self.group.close()
         finally:
             self.ray.shutdown()
 
@@ -199,8 +233,8 @@ class LocalSystem:
     def poll_async(self) -> tuple[dict, list[dict]]:
         return self.learner.poll(), [w.poll() for w in self.workers]
 
-    def learner_done(self) -> bool:
-        return self.learner.progress()["done"]
+    def learner_progress(self) -> dict:
+        return self.learner.progress()
 
     def stop_async(self) -> tuple[dict, list[dict]]:
         return self.learner.stop(), [w.stop() for w in self.workers]

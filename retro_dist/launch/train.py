@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from retro_dist.config import Config, ConfigError, as_dict
+from retro_dist.launch.logs import RunLogs
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
 from retro_dist.launch.system import LocalSystem, RaySystem, start_groups
@@ -78,18 +79,22 @@ def train(cfg: Config, address: Optional[str] = None) -> Path:
     cfg = with_absolute_model_paths(cfg)
     run_dir = prepare_run_dir(cfg)
     address = address or cfg.ray.address
-    system = (LocalSystem(cfg, run_dir) if cfg.rollout.num_workers == 0 and not address
-              else RaySystem(cfg, run_dir, address))
-    total = cfg.run.iterations if cfg.run.mode == "sync" else cfg.run.updates
-    logger = MetricsLogger(run_dir, total)
+    logs = RunLogs(run_dir)  # before anything imports vLLM or starts Ray
+    logger = system = None
     try:
+        logger = MetricsLogger.from_config(cfg, run_dir)  # before the workers: a missing wandb stops here
+        system = (LocalSystem(cfg, run_dir) if cfg.rollout.num_workers == 0 and not address
+                  else RaySystem(cfg, run_dir, address, logs))
         if cfg.run.mode == "sync":
             _train_sync(cfg, system, logger)
         else:
             _train_async(cfg, run_dir, system, logger)
     finally:
-        logger.close()
-        system.close()
+        if logger is not None:
+            logger.close()
+        if system is not None:
+            system.close()
+        logs.close()
     return run_dir
 
 
@@ -107,7 +112,7 @@ def _train_sync(cfg: Config, system, logger: MetricsLogger) -> None:
         system.publish()
         metrics["time/publish_seconds"] = time.time() - t1
         metrics["time/iteration_seconds"] = time.time() - t0
-        _print_errors(results)
+        _print_errors(results, logger)
         logger.log(it, metrics)
 
 
@@ -119,16 +124,22 @@ def _train_async(cfg: Config, run_dir: Path, system, logger: MetricsLogger) -> N
     try:
         while True:
             deadline = time.time() + cfg.run.log_every_s
-            while time.time() < deadline and not system.learner_done():  # wake early when it is done
+            while time.time() < deadline:
+                progress = system.learner_progress()
+                logger.progress(progress["steps"])  # redraws the bar (elapsed time, steps) between lines
+                if progress["done"]:  # wake early when it is done
+                    break
                 time.sleep(min(0.5, max(0.0, deadline - time.time())))
             learner, workers = system.poll_async()
-            _print_errors(workers)
-            logger.log(interval, summarize_async(learner, workers, cfg.rollout.trials))
+            _print_errors(workers, logger)
+            metrics = summarize_async(learner, workers, cfg.rollout.trials)
+            logger.log(interval, metrics)
+            logger.progress(learner["learner/steps"], metrics)
             interval += 1
             if learner["learner/done"]:
                 break
     except KeyboardInterrupt:
-        print("retro-dist: interrupted; stopping the loops and sealing every writer", flush=True)
+        logger.write("retro-dist: interrupted; stopping the loops and sealing every writer")
     learner, workers = system.stop_async()
     if learner.get("learner/updates") or any(w["episodes"] for w in workers):
         logger.log(interval, summarize_async(learner, workers, cfg.rollout.trials))
@@ -161,7 +172,7 @@ def summarize_async(learner: dict, workers: list[dict], trials: int) -> dict:
     return out
 
 
-def _print_errors(results: list[dict]) -> None:
+def _print_errors(results: list[dict], logger: MetricsLogger) -> None:
     for r in results:
         for err in r["errors"][:3]:
-            print(f"  worker {r['worker_id']}: episode errored: {err}", flush=True)
+            logger.write(f"  worker {r['worker_id']}: episode errored: {err}")

@@ -132,12 +132,15 @@ class RolloutWorker:
 
 
 def check_probe(mine, adapter, tolerance: float, worker_id: int) -> float:
-    """Largest gap between the worker's log-probs of the probe reflection and the learner's; a gap
-    above `tolerance` means the worker is not serving the weights the learner published."""
-    gap = float(np.abs(np.asarray(mine) - np.asarray(adapter.extra["probe"]["logprobs"])).max())
-    if gap > tolerance:
+    """Mean gap between the worker's log-probs of the probe reflection and the learner's; above the
+    version's tolerance (learner/probe.py: between the bf16 rounding floor and half the distance the
+    version moved the probe) the worker is not serving the weights the learner published."""
+    from retro_dist.learner.probe import probe_matches
+
+    ok, gap, tol = probe_matches(adapter.extra["probe"], mine, tolerance)
+    if not ok:
         raise WeightSyncError(f"worker {worker_id}: probe log-probs differ from the learner's by "
-                              f"{gap:.4f} > {tolerance} after loading v{adapter.version}")
+                              f"{gap:.4f} > {tol:.4f} after loading v{adapter.version}")
     return gap
 
 

@@ -16,6 +16,7 @@ def engine_policies(tiny_model):
     actor, reflector = build_policies(ActorConfig(backend="vllm", model=tiny_model),
                                       ReflectorConfig(backend="vllm", model=tiny_model), VLLMConfig(), seed=0)
     yield actor, reflector
+    actor.backend.close()  # shuts the engine down now, not in an exit-time finalizer
     del actor, reflector
     gc.collect()
 

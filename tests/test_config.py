@@ -16,7 +16,7 @@ def _write(tmp_path, text):
 
 def test_shipped_configs_validate():
     for name in ("configs/local.yaml", "configs/test.yaml", "configs/test-async.yaml", "configs/cluster-gpu.yaml",
-                 "configs/cluster-gpu-small.yaml", "configs/retro-coin.yaml"):
+                 "configs/cluster-gpu-small.yaml", "configs/local-async.yaml", "configs/retro-coin.yaml"):
         load_config(name)  # raises on any unknown key, wrong type or conflict
 
 

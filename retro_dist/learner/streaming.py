@@ -39,6 +39,7 @@ class LearnerLoop:
         self._t_start = self._t_poll = time.monotonic()
         self._busy = self._busy_total = 0.0  # seconds spent sampling + stepping (interval, total)
         self._published = self._dropped = 0
+        self._ratio_checked = -1  # the version whose fresh rows' IS ratio was last measured
 
     # ---- control (called from the actor's main thread) -------------------------------------------
 
@@ -131,6 +132,7 @@ class LearnerLoop:
             return None
         if batch is None or batch.table.num_rows == 0:
             return None
+        fresh_ratio = self._fresh_ratio(batch.table)  # before the step: the weights that were published
         adv, base = lrn.advantages(batch.table)
         if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
             adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
@@ -140,7 +142,32 @@ class LearnerLoop:
             raise AssertionError(f"trained on a row {int(lag.max())} versions old (max_policy_lag "
                                  f"{self.max_policy_lag})")
         stats["staleness/fresh_fraction"] = float(np.mean(lag == 0))
+        if fresh_ratio is not None:
+            stats["losses/mean_ratio_fresh"] = fresh_ratio
         return stats
+
+    def _fresh_ratio(self, table, max_rows: int = 8) -> Optional[float]:
+        """Mean per-token IS ratio π_θ/μ over up to `max_rows` rows written by the current version,
+        once per version. It must be ≈ 1: the cheapest check that the workers sample from the
+        weights the learner published (verl #7495); a broken weight sync shows here first."""
+        import torch
+
+        from retro_dist.learner.batches import collate
+
+        lrn = self.learner
+        if self._ratio_checked == lrn.version:
+            return None
+        versions = table.column("policy_version").to_numpy()
+        idx = np.flatnonzero(versions == lrn.version)[:max_rows]
+        if idx.size == 0:
+            return None
+        rows = table.take(idx).select(["prompt_ids", "reflection_ids", "behaviour_logprobs"]).to_pydict()
+        mb = collate(rows["prompt_ids"], rows["reflection_ids"], lrn.tokenizer.pad_token_id,
+                     rows["behaviour_logprobs"]).to(lrn.device)
+        with torch.no_grad():
+            log_ratio = (lrn.policy.logprobs(mb).float() - mb.behaviour) * mb.mask
+        self._ratio_checked = lrn.version
+        return float((torch.exp(log_ratio) * mb.mask).sum() / mb.mask.sum())
 
     def _publish(self) -> None:
         t0 = time.monotonic()

@@ -22,6 +22,9 @@ def test_async_run_streams_and_bounds_staleness(tmp_path, in_repo, tiny_model):
     # every logged interval's trained rows are within the bound; the dropped count is reported
     assert all(r.get("staleness/version_lag_max", 0) <= cfg.learner.max_policy_lag for r in rows)
     assert all("staleness/dropped_rows" in r and "losses/mean_ratio" in r or r["learner/updates"] == 0 for r in rows)
+    # fresh rows (written by the learner's current version) have IS ratio ≈ 1: the weights arrived
+    fresh = [r["losses/mean_ratio_fresh"] for r in rows if "losses/mean_ratio_fresh" in r]
+    assert fresh and all(abs(x - 1.0) < 1e-3 for x in fresh)
     # the worker kept producing while the learner stepped, and loaded newer versions as they came
     assert sum(r["rollout/episodes"] for r in rows) > 0
     worker_versions = [r["rollout/worker_versions"][0] for r in rows]

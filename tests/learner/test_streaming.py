@@ -80,6 +80,7 @@ def test_loop_waits_for_data_and_trains_fresh_rows_with_ratio_one(tmp_path, tiny
     assert m["learner/steps"] == 2
     # the cheapest check that the worker served the learner's weights: ratio 1 on fresh rows
     assert abs(m["losses/mean_ratio"] - 1.0) < 1e-4
+    assert abs(m["losses/mean_ratio_fresh"] - 1.0) < 1e-4
     assert m["staleness/version_lag_max"] == 0
 
 

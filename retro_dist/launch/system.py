@@ -16,6 +16,7 @@ import numpy as np
 
 from retro_dist.config import Config, ConfigError
 from retro_dist.launch.logs import RunLogs, with_output_redirect
+from retro_dist.launch.resources import check_resources
 from retro_dist.rollout.weight_source import LocalWeightSource
 
 
@@ -96,6 +97,7 @@ class RaySystem:
         r = cfg.rollout
         if address:
             context = ray.init(address=address, **logs.ray_init_kwargs(env_vars))
+            check_resources(cfg, ray.cluster_resources())  # a run that can never be placed: one line, no hang
         else:
             import torch
 

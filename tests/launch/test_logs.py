@@ -71,24 +71,30 @@ def test_with_output_redirect_keeps_the_plain_class_and_its_name(tmp_path):
     assert "constructed 2 3\n" in text and "total 5\n" in text
 
 
-def test_driver_records_file_and_terminal(tmp_path, capfd):
-    logs = RunLogs(tmp_path)
-    try:
-        log = logging.getLogger("retro_dist.test_logs")
-        log.info("an info record")
-        log.warning("a warning record")
-        warnings.warn("a library deprecation", FutureWarning)
-        logging.getLogger("ray._private.authentication.x").warning("token notice")
-        logging.getLogger("vllm.triton_utils.importing").warning("early vllm record")
-    finally:
-        logs.close()
-    out, err = capfd.readouterr()
+def test_driver_records_file_and_terminal(tmp_path):
+    # A fresh interpreter, as the driver is: Ray and vLLM configure their loggers when imported, so
+    # in this test process the result would depend on which tests ran before.
+    proc = _child(f"""
+        import logging, warnings
+        from retro_dist.launch.logs import RunLogs
+        logs = RunLogs({str(tmp_path)!r})
+        try:
+            log = logging.getLogger("retro_dist.test_logs")
+            log.info("an info record")
+            log.warning("a warning record")
+            warnings.warn("a library deprecation", FutureWarning)
+            logging.getLogger("ray._private.authentication.x").warning("token notice")
+            logging.getLogger("vllm.triton_utils.importing").warning("early vllm record")
+        finally:
+            logs.close()
+        logging.getLogger("retro_dist.test_logs").warning("after close")  # handlers are gone again
+    """)
     driver = (tmp_path / "logs" / "driver.log").read_text()
     assert "an info record" in driver and "a warning record" in driver
     assert "a library deprecation" in driver and "token notice" in driver and "early vllm record" in driver
-    assert out == "" and err == "retro-dist: WARNING retro_dist.test_logs: a warning record\n"
-    logging.getLogger("retro_dist.test_logs").warning("after close")  # handlers are gone again
-    assert "after close" not in (tmp_path / "logs" / "driver.log").read_text()
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("retro-dist: WARNING retro_dist.test_logs: a warning record\n")
+    assert "after close" not in driver
 
 
 def test_vllm_logging_config_sends_vllm_records_to_a_file(tmp_path):

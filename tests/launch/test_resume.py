@@ -13,7 +13,7 @@ def test_resume_continues_and_refuses_changed_keys(tmp_path, in_repo, tiny_model
     base = [f"run.output_dir={tmp_path}", f"actor.model={tiny_model}", f"reflector.model={tiny_model}",
             "rollout.num_workers=0", "rollout.tasks_per_iteration=2", "rollout.parallel_tasks=2"]
     run_dir = train(load_config("configs/test.yaml", base + ["run.iterations=1"]))
-    assert (run_dir / "checkpoints" / "000001" / "learner_state.pt").is_file()
+    assert (run_dir / "checkpoints" / "000001" / "learner_state.json").is_file()
     with pytest.raises(ConfigError, match="run.resume: rollout.tasks_per_iteration was 2"):
         train(load_config("configs/test.yaml", base[:-2] + ["rollout.tasks_per_iteration=4",
                                                             "rollout.parallel_tasks=2", "run.resume=true",

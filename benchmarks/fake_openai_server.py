@@ -38,6 +38,7 @@ class FakeOpenAIServer:
         self._rng = random.Random(seed)
         self._server: Optional[asyncio.base_events.Server] = None
         self.requests = self.prompts = self.slow_prompts = self.in_flight = self.max_in_flight = 0
+        self.authorizations: dict[str, set] = {}  # path -> Authorization headers seen (None: none sent)
 
     @property
     def base_url(self) -> str:
@@ -67,6 +68,7 @@ class FakeOpenAIServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
+                self.authorizations.setdefault(path, set()).add(headers.get("authorization"))
                 status, payload = await self._route(method, path, body)
                 data = json.dumps(payload).encode()
                 close = headers.get("connection", "").lower() == "close"

@@ -336,11 +336,13 @@ class OpenAIBackend:
         return [c["text"] for c in choices]
 
 
-def check_endpoint(base_url: str, timeout_s: float = 5.0) -> list[str]:
-    """GET {base_url}/models; returns the served model ids or raises BackendError in one line."""
+def check_endpoint(base_url: str, timeout_s: float = 5.0, api_key: Optional[str] = None) -> list[str]:
+    """GET {base_url}/models (with the API key, as the run's requests send it); returns the served
+    model ids or raises BackendError in one line."""
     url = f"{base_url.rstrip('/')}/models"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return [m["id"] for m in json.loads(resp.read()).get("data", [])]
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as err:
         reason = getattr(err, "reason", err)

@@ -75,11 +75,14 @@ def unshard(per_shard: list[dict], arms: Sequence[str], n_tasks: int) -> dict:
 def _on_ray(cfg: Config, shards, arms, trials, adapter, address):
     import ray
 
-    if address:
-        ray.init(address=address)
+    from retro_dist.launch.netsec import init_local, secret_env_vars
+
+    env_vars = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm.kv_cache_gib)}
+    if address:  # the API key reaches remote workers only this way (a local cluster inherits it)
+        key = secret_env_vars(cfg.actor.api_key_env if cfg.actor.backend == "openai" else None)
+        ray.init(address=address, runtime_env={"env_vars": {**env_vars, **key}})
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or len(shards), _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm.kv_cache_gib)}})
+        init_local(num_cpus=cfg.ray.num_cpus or len(shards), runtime_env={"env_vars": env_vars})
     try:
         cls = ray.remote(Evaluator).options(num_cpus=cfg.rollout.worker_num_cpus,
                                             num_gpus=cfg.rollout.worker_num_gpus)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def preflight(cfg: Config) -> None:
         from retro_dist.agents.backends import BackendError, check_endpoint
 
         try:
-            served = check_endpoint(cfg.actor.base_url)
+            served = check_endpoint(cfg.actor.base_url, api_key=os.environ.get(cfg.actor.api_key_env))
         except BackendError as err:
             raise PreflightError(str(err)) from None
         if served and cfg.actor.model not in served:

@@ -16,6 +16,7 @@ import numpy as np
 
 from retro_dist.config import Config, ConfigError
 from retro_dist.launch.logs import RunLogs, with_output_redirect
+from retro_dist.launch.netsec import init_local, secret_env_vars
 from retro_dist.launch.resources import check_resources
 from retro_dist.rollout.weight_source import LocalWeightSource
 
@@ -95,8 +96,9 @@ class RaySystem:
         self.log_dir = str(logs.dir)  # each actor's output: logs/<name>.log
         env_vars = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
         r = cfg.rollout
-        if address:
-            context = ray.init(address=address, **logs.ray_init_kwargs(env_vars))
+        if address:  # the API key reaches remote workers only this way (a local cluster inherits it)
+            key = secret_env_vars(cfg.actor.api_key_env if cfg.actor.backend == "openai" else None)
+            context = ray.init(address=address, **logs.ray_init_kwargs({**env_vars, **key}))
             check_resources(cfg, ray.cluster_resources())  # a run that can never be placed: one line, no hang
         else:
             import torch
@@ -105,8 +107,7 @@ class RaySystem:
                 raise ConfigError("rollout.worker_num_gpus / learner.num_gpus > 0 but this machine has no GPU: "
                                   "the actors would wait forever; set them to 0 or join a GPU cluster")
             need = r.num_workers * r.worker_num_cpus + 1
-            context = ray.init(num_cpus=cfg.ray.num_cpus or int(np.ceil(need)), _node_ip_address="127.0.0.1",
-                               include_dashboard=False, **logs.ray_init_kwargs(env_vars))
+            context = init_local(num_cpus=cfg.ray.num_cpus or int(np.ceil(need)), **logs.ray_init_kwargs(env_vars))
         logs.link_ray_session(context)
         self.board = ray.remote(WeightBoard).options(num_cpus=0).remote()
         self.num_workers = max(1, r.num_workers)  # joining a cluster with num_workers 0: one worker actor

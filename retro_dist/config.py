@@ -369,14 +369,26 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     if cfg.replay.on_overflow == "block" and cfg.run.mode == "sync":
         raise ConfigError("replay.on_overflow 'block' would wait forever: the train loop rolls out, then learns, "
                           "so no rows arrive while the learner waits; use 'drop'")
+    _check_name("run.name", cfg.run.name)
     if not cfg.env.games:
         raise ConfigError("env.games must name at least one game")
     for g in cfg.env.games:
         fam = g.partition("/")[0]
         if fam not in ("twx", "textworld", "hotpotqa", "alfworld") or not g.partition("/")[2]:
             raise ConfigError(f"env.games: '{g}' must be <family>/<game> with family twx, textworld, hotpotqa or alfworld")
+        _check_name(f"env.games: '{g}': the game", g.partition("/")[2])
         if fam in ("hotpotqa", "alfworld") and not cfg.env.data_path:
             raise ConfigError(f"env.data_path is required for '{g}' (point it at your {fam} data)")
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_name(key: str, value) -> None:
+    """Names that become one folder name (run folder, game cache) must not reach outside it."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{key} '{value}' must be a plain name: letters, digits, '.', '_' and '-', starting "
+                          f"with a letter or digit (no path separators, no '..')")
 
 
 def _validate_mode(cfg: Config, given: set[str]) -> None:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-from retro_dist.agents.backends import Adapter, BackendError, Generation, HFBackend, load_tokenizer
+from retro_dist.agents.backends import Adapter, BackendError, Generation, HFBackend, engine_kwargs, load_tokenizer
 from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
 
 
@@ -43,20 +43,27 @@ class AsyncVLLMEngine:
         self._in_flight: dict[int, int] = {}  # adapter version -> requests still using its folder
         self.version = -1
         self._closed = False
+        # On the CPU build a prompt_logprobs request batched with other requests crashes the engine
+        # in the LoRA logits kernel (punica_cpu add_lora_logits: "einsum(): subscript b has size 10
+        # ... previously seen size 49"). There, scoring requests run one at a time with nothing else
+        # in flight; a probe or action score then stalls new generations for one request's time.
+        import torch
+
+        self._exclusive_scoring = not torch.cuda.is_available()
+        self._score_lock = asyncio.Lock()
+        self._no_scoring = asyncio.Event()
+        self._no_scoring.set()
+        self._generating = 0
+        self._gens_idle = asyncio.Event()
+        self._gens_idle.set()
 
     @classmethod
     async def start(cls, model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig], seed: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
-        import torch
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = dict(model=model, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
-                      max_model_len=engine.max_model_len, seed=seed, disable_log_stats=True)
-        if torch.cuda.is_available():  # the CPU build rejects gpu_memory_utilization
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        if lora is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora.lora_rank), max_loras=engine.max_loras)
+        kwargs = dict(engine_kwargs(model, engine, lora, seed), disable_log_stats=True)
         return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), load_tokenizer(model))
 
     def load_adapter(self, adapter: Adapter) -> None:
@@ -108,7 +115,15 @@ class AsyncVLLMEngine:
 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0, seed=seed,
                                 stop=["\n"] if stop_at_newline else None, include_stop_str_in_output=True)
-        out, version = await self._final(prompt_ids, params, use_adapter)
+        await self._no_scoring.wait()
+        self._generating += 1
+        self._gens_idle.clear()
+        try:
+            out, version = await self._final(prompt_ids, params, use_adapter)
+        finally:
+            self._generating -= 1
+            if not self._generating:
+                self._gens_idle.set()
         c = out.outputs[0]
         ids = list(c.token_ids)
         lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
@@ -120,7 +135,17 @@ class AsyncVLLMEngine:
         from vllm import SamplingParams
 
         full = list(prompt_ids) + list(completion_ids)
-        out, _ = await self._final(full, SamplingParams(max_tokens=1, prompt_logprobs=0), use_adapter)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        if not self._exclusive_scoring:
+            out, _ = await self._final(full, params, use_adapter)
+        else:
+            async with self._score_lock:  # one scoring request at a time, with no generation in flight
+                self._no_scoring.clear()
+                try:
+                    await self._gens_idle.wait()
+                    out, _ = await self._final(full, params, use_adapter)
+                finally:
+                    self._no_scoring.set()
         return [out.prompt_logprobs[i][full[i]].logprob for i in range(len(prompt_ids), len(full))]
 
     async def score_candidates(self, prompt_ids: Sequence[int], candidates: Sequence[list[int]]) -> list[float]:

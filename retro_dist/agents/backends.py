@@ -214,6 +214,29 @@ def score_candidates_hf(model, tokenizer, device, prompt_ids, candidates) -> lis
     return out
 
 
+CPU_MAX_NUM_SEQS = 32  # sequences a CPU engine runs at once; more requests queue in the engine
+
+
+def engine_kwargs(model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig], seed: int) -> dict:
+    """Engine arguments shared by the sync `LLM` and the async `AsyncLLM` engines."""
+    import torch
+
+    kwargs = dict(model=model, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
+                  max_model_len=engine.max_model_len, seed=seed)
+    if torch.cuda.is_available():  # the CPU build rejects gpu_memory_utilization
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    else:
+        # A prompt prefilled in chunks discards the token sampled for it, and for a seeded request
+        # vLLM then rewinds its generator's offset, which CPU generators do not have ("CPU Generator
+        # does not use offset": the engine dies; seen with 16 episodes in flight). Turning chunked
+        # prefill off crashes the CPU build elsewhere, so make chunks unnecessary instead: a step's
+        # token budget holds a whole prompt of every sequence the engine runs at once.
+        kwargs.update(max_num_seqs=CPU_MAX_NUM_SEQS, max_num_batched_tokens=CPU_MAX_NUM_SEQS * engine.max_model_len)
+    if lora is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=max(8, lora.lora_rank), max_loras=engine.max_loras)
+    return kwargs
+
+
 class VLLMBackend:
     """A vLLM engine; serves the base model and, per request, the newest LoRA adapter."""
 
@@ -222,13 +245,7 @@ class VLLMBackend:
         import torch
         from vllm import LLM
 
-        kwargs = dict(model=model, dtype=engine.dtype, enforce_eager=engine.enforce_eager,
-                      max_model_len=engine.max_model_len, seed=seed)
-        if torch.cuda.is_available():  # the CPU build rejects gpu_memory_utilization
-            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        if lora is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora.lora_rank), max_loras=engine.max_loras)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**engine_kwargs(model, engine, lora, seed))
         self.tokenizer = load_tokenizer(model)
         self._lora_request = None
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="retro_dist_adapters_"))

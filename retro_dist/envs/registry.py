@@ -9,10 +9,12 @@ naming its game (task-conditioned prompts).
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Optional, Protocol
 
 from retro_dist.config import EnvConfig
-from retro_dist.envs.base import Observation, Task, TextEnv
+from retro_dist.envs.base import EnvError, Observation, Task, TextEnv
+from retro_dist.envs.timeouts import CallThread, EnvTimeout
 
 # family name -> "module:Class"; imported on first use so a run pays only for what it uses
 FAMILIES = {
@@ -70,36 +72,73 @@ class TaskMix:
 
 
 class MixedEnv:
-    """One slot of a worker: dispatches each task to its family's simulator (built on first use)."""
+    """One slot of a worker: dispatches each task to its family's simulator (built on first use).
+
+    With `env.step_timeout_s` set, each reset and step runs on the slot's own thread and may take
+    that long (starting a simulator is not timed): a call past it raises EnvTimeout, the hung
+    simulator is killed (its JVM; the stuck call then fails) and the next reset builds a new one."""
 
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg
         self._envs: dict[str, TextEnv] = {}
         self._current: Optional[str] = None  # family of the task being played
+        self._thread: Optional[CallThread] = None  # runs the timed calls; replaced after a timeout
 
     def reset(self, task: Task) -> tuple[str, Observation]:
         fam = split_game(task.env_name)[0]
         if fam not in self._envs:
             self._envs[fam] = family(fam, self.cfg).make()
         self._current = fam
-        return self._guarded(lambda env: env.reset(task))
+        return self._guarded(fam, lambda env: env.reset(task))
 
     def step(self, action: str) -> Observation:
-        return self._guarded(lambda env: env.step(action))
+        if self._current not in self._envs:
+            raise EnvError(f"step {action!r} without a live simulator: its last call failed, reset first")
+        return self._guarded(self._current, lambda env: env.step(action))
 
-    def _guarded(self, call):
-        """A simulator that raised may be dead (a crashed JVM): drop it, so the next reset builds a new one."""
-        env = self._envs[self._current]
+    def _guarded(self, fam: str, call):
+        """A simulator that raised may be dead (a crashed JVM) and one that timed out is hung: drop
+        it (killing a hung one), so the next reset builds a new one."""
+        env = self._envs[fam]
         try:
-            return call(env)
+            return self._timed(lambda: call(env))
+        except EnvTimeout:
+            self._envs.pop(fam, None)
+            self._thread = None  # abandoned: it is still stuck in the call
+            kill(env)
+            raise
         except Exception:
-            self._envs.pop(self._current, None)
+            self._envs.pop(fam, None)
             try:
                 env.close()
             except Exception:  # already dead; closing is best effort
                 pass
             raise
 
+    def _timed(self, fn):
+        timeout = self.cfg.step_timeout_s
+        if timeout is None:
+            return fn()
+        if self._thread is None:
+            self._thread = CallThread("env-call")
+        return self._thread.call(fn, timeout)
+
     def close(self) -> None:
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
         for env in self._envs.values():
             env.close()
+        self._envs = {}
+
+
+def kill(env: TextEnv) -> None:
+    """Stop a hung simulator without asking it: `kill()` where it has one (twx: SIGKILL its JVM),
+    else `close()` on a daemon thread, since a hung simulator may never answer that either."""
+    try:
+        if hasattr(env, "kill"):
+            env.kill()
+        else:
+            threading.Thread(target=env.close, name="env-close", daemon=True).start()
+    except Exception:  # best effort: the simulator is abandoned either way
+        pass

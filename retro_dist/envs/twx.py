@@ -96,9 +96,25 @@ class TwxEnv:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._disconnect()
+
+    def kill(self) -> None:
+        """Stop the JVM at once, without asking it (a hung or stopped JVM never answers): a call
+        stuck waiting on it then fails instead of blocking forever."""
+        proc = self._env._gateway.java_process
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL ends a SIGSTOPped process too
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # not reaped yet; it is dead or dying all the same
+                pass
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         # A JVM that crashed cannot be told goodbye: mark py4j's client disconnected, or each of its
         # object finalizers and textworld_express's __del__ (which closes again) tries to reach it and
         # logs a traceback from inside some later garbage collection.
+        gateway = self._env._gateway
         gateway._gateway_client.is_connected = False
         gateway.shutdown_callback_server()
         self._env.close = lambda: None  # closed: __del__ has nothing left to do

@@ -8,6 +8,10 @@ Otherwise the pool restores the owner's state on any free simulator by reset + r
 actions: our games are deterministic per task (tests/rollout/test_simulators.py checks it), so the
 replayed state is the state the episode left. At most `size` simulators exist; callers beyond that
 wait in arrival order. Env calls run on `size` threads, off the event loop.
+
+A simulator that raises, or hangs past `env.step_timeout_s` (its `MixedEnv` times each reset and
+step, and kills a hung JVM so the stuck thread returns), is replaced by a fresh one; the error
+reaches only the episode whose call it was, and the others go on.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Hashable, Optional
 from retro_dist.config import EnvConfig
 from retro_dist.envs.base import Observation, Task
 from retro_dist.envs.registry import MixedEnv
+from retro_dist.envs.timeouts import EnvTimeout
 
 
 @dataclass
@@ -45,14 +50,15 @@ class SimulatorPool:
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="simulator")
         self._stats = collections.Counter(resets=0, restores=0, replayed_steps=0, steps=0, rebuilt=0,
-                                          waits=0)
+                                          timeouts=0, waits=0)
         self._wait_seconds = 0.0
 
     @property
     def stats(self) -> dict:
         """Counters since start: resets (trial starts), restores (reset + replay for a step whose
         owner's state was elsewhere), replayed_steps, steps (actor steps), rebuilt (simulators
-        replaced after raising), waits / wait_seconds (calls that found every simulator busy),
+        replaced after raising), timeouts (calls past `env.step_timeout_s`; those simulators are
+        rebuilt too), waits / wait_seconds (calls that found every simulator busy),
         created (simulators built) and size."""
         return {**self._stats, "wait_seconds": self._wait_seconds, "created": len(self._slots),
                 "size": self.size}
@@ -134,15 +140,18 @@ class SimulatorPool:
         self._free.append(slot)
 
     async def _call(self, slot: _Slot, fn):
-        """Run `fn(env)` on a pool thread. A simulator that raised may be dead or mid-state: replace
-        it with a fresh one (built on its next reset) and let the error reach only this caller."""
+        """Run `fn(env)` on a pool thread. A simulator that raised may be dead or mid-state, one that
+        timed out was hung (and is killed): replace it with a fresh one (built on its next reset)
+        and let the error reach only this caller. The pool thread waits at most
+        `env.step_timeout_s` per env call, so a hung simulator never holds one for good."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._threads, fn, slot.env)
-        except BaseException:
+        except BaseException as err:
             broken, slot.env = slot.env, MixedEnv(self.cfg)
             slot.owner, slot.steps, slot.done = None, 0, False
             self._stats["rebuilt"] += 1
+            self._stats["timeouts"] += isinstance(err, EnvTimeout)
             self._threads.submit(_close_quietly, broken)
             raise
 

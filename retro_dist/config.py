@@ -72,6 +72,8 @@ class EnvConfig:
     """Actor steps per trial before the trial counts as failed."""
     num_tasks: int = 1000
     """Distinct tasks per game in a fold (task numbers cycle through them)."""
+    step_timeout_s: Optional[float] = 60.0
+    """Longest an environment reset or step may take; past it the episode errors and its simulator is killed and rebuilt (null: no limit)."""
 
 
 @dataclass
@@ -198,6 +200,8 @@ class LearnerConfig:
     """Async mode: rows more than this many versions behind the learner are never trained on (counted), and workers this far behind pause."""
     updates_per_version: int = 1
     """Async mode: gradient steps between published (and checkpointed) policy versions."""
+    max_bad_steps: int = 10
+    """Gradient steps in a row with a non-finite loss or gradient norm (each skipped, counted in `learner/bad_steps`) before the run stops with an error."""
 
 
 @dataclass
@@ -333,8 +337,12 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
                             ("env.step_limit", cfg.env.step_limit, 1), ("env.num_tasks", cfg.env.num_tasks, 1),
                             ("learner.batch_size", lrn.batch_size, 1), ("learner.micro_batch_size", lrn.micro_batch_size, 1),
                             ("learner.updates_per_iteration", lrn.updates_per_iteration, 1),
-                            ("learner.sft_iterations", lrn.sft_iterations, 0)):
+                            ("learner.sft_iterations", lrn.sft_iterations, 0),
+                            ("learner.max_bad_steps", lrn.max_bad_steps, 1)):
         _at_least(value, low, key)
+    if cfg.env.step_timeout_s is not None and not 0 < cfg.env.step_timeout_s < float("inf"):
+        raise ConfigError(f"env.step_timeout_s must be a number of seconds > 0, or null for no limit; "
+                          f"got {cfg.env.step_timeout_s}")
     if r.memory_size < 1:
         raise ConfigError("rollout.memory_size must be >= 1: with no memory, reflections never reach the actor "
                           "and their rewards are noise")

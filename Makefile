@@ -11,7 +11,7 @@ RUN     ?= local-$(shell date +%Y%m%d-%H%M%S)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRA   := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: install models train test bench experiment clean
+.PHONY: install models train test slurm-test bench experiment clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,7 +34,13 @@ train: $(MODEL)
 	$(VENV)/bin/retro-dist train --config $(CONFIG) --set run.name=$(RUN)
 
 test: $(MODEL)
-	$(PY) -m pytest -m "not gpu" -q
+	$(PY) -m pytest -m "not gpu and not slurm" -q
+
+# Opt-in tier: cluster/slurm/retro-dist.sbatch for real on a one-node Slurm started here (needs root;
+# installs slurm-wlm when sbatch is absent; uses the Slurm at $$SLURM_CONF instead when one answers).
+slurm-test: $(MODEL)
+	cluster/slurm/local-slurm.sh install
+	$(PY) -m pytest -m slurm -q -s tests/cluster/test_slurm.py
 
 # The paper's experiment in miniature (README "Results"): pretrain the actor (cached), train the
 # reflector, pick its checkpoint on the dev fold, evaluate four arms on 500 held-out test tasks.

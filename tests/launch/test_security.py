@@ -79,10 +79,42 @@ def test_api_key_sent_never_written(tmp_path, in_repo, tiny_model, monkeypatch):
     assert server.authorizations["/v1/models"] == {f"Bearer {SECRET}"}
     assert server.authorizations["/v1/completions"] == {f"Bearer {SECRET}"}
     assert server.prompts > 0
-    files = [p for p in Path(run_dir).rglob("*") if p.is_file()]  # rglob does not enter logs/ray
+    files = _files(run_dir)
     ray_logs = Path(run_dir, "logs", "ray")
-    if ray_logs.is_dir():  # Ray's own session logs, linked into the run folder
-        files += [p for p in ray_logs.resolve().rglob("*") if p.is_file()]
+    assert ray_logs.is_symlink()  # Ray's own session logs, linked into the run folder: searched too
+    files += _files(ray_logs.resolve())
     assert any(p.name == "config.yaml" for p in files) and any(p.name == "metrics.jsonl" for p in files)
     leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked, f"the API key was written to {leaked}"
+
+
+def _files(root) -> list[Path]:
+    return [Path(d, f) for d, _, names in os.walk(root) for f in names if Path(d, f).is_file()]
+
+
+def test_api_key_reaches_joined_cluster_workers_via_runtime_env(tmp_path, in_repo, tiny_model, monkeypatch):
+    """A joined cluster's processes do not inherit the driver's environment: the key must travel in
+    the runtime env. The cluster starts before the key is set, so its workers can only get it so."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from retro_dist.launch.train import train
+
+    monkeypatch.delenv("RETRO_TEST_KEY", raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    try:
+        monkeypatch.setenv("RETRO_TEST_KEY", SECRET)
+        with serve_in_thread(latency_s=0.0, model="fake") as server:
+            cfg = load_config("configs/test.yaml", [
+                f"run.output_dir={tmp_path}", "run.iterations=1", "actor.backend=openai", "actor.model=fake",
+                f"actor.base_url={server.base_url}", "actor.api_key_env=RETRO_TEST_KEY",
+                f"reflector.model={tiny_model}"])
+            run_dir = train(cfg, address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert server.authorizations["/v1/completions"] == {f"Bearer {SECRET}"} and server.prompts > 0
+    # the run folder itself stays clean (logs/ray, the joined cluster's session logs, is not followed:
+    # Ray's runtime_env_agent.log there records runtime env vars)
+    leaked = [str(p) for p in _files(run_dir) if SECRET.encode() in p.read_bytes()]
     assert not leaked, f"the API key was written to {leaked}"

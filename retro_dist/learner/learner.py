@@ -30,7 +30,7 @@ from retro_dist.learner.batches import Rows
 from retro_dist.learner.distributed import DistSpec, Group
 from retro_dist.learner.policy import PolicyModel, resolve_device
 from retro_dist.learner.probe import PROBE_COMPLETION, PROBE_PROMPT, probe_gap, probe_tolerance
-from retro_dist.learner.update import gradient_step
+from retro_dist.learner.update import BAD_STEP, gradient_step
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.store import ReplayStore
 
@@ -51,6 +51,8 @@ class Learner:
         self.run_dir = Path(run_dir)
         self.version = 0  # policy version of the current weights
         self.steps = 0  # gradient steps taken
+        self.bad_steps = 0  # steps skipped for a non-finite loss or gradient (not in `steps`)
+        self.bad_in_row = 0
         self.probe_prompt = self.tokenizer(PROBE_PROMPT).input_ids
         self.probe_completion = self.tokenizer(PROBE_COMPLETION, add_special_tokens=False).input_ids
         self._probes: dict[int, list[float]] = {}  # version -> published probe log-probs
@@ -110,12 +112,14 @@ class Learner:
         source = (sources.sft_batches if sft else
                   sources.fresh_batches if self.cfg.batch_source == "fresh" else sources.replay_batches)
         stats = [self.update(table, adv, base, on_policy=on_policy) for table, adv, base, on_policy in source(self)]
+        stats = [s for s in stats if BAD_STEP not in s]  # skipped steps are counted in learner/bad_steps
         self.version += 1
         ckpt = self.save_checkpoint()
         out = {k: float((np.max if k.endswith("_max") else np.mean)([s[k] for s in stats]))
                for k in stats[0]} if stats else {}
         out.update({"learner/updates": len(stats), "learner/version": self.version, "learner/sft": int(sft),
-                    "learner/steps": self.steps, "learner/checkpoint": str(ckpt),
+                    "learner/steps": self.steps, "learner/bad_steps": self.bad_steps,
+                    "learner/checkpoint": str(ckpt),
                     "time/learn_seconds": time.time() - t0})
         out.update(self.store.metrics())
         return out
@@ -144,8 +148,20 @@ class Learner:
         return self._step(rows, self.version)
 
     def _step(self, rows: Rows, version: int) -> dict:
+        """One gradient step; a non-finite one is skipped and counted, `max_bad_steps` in a row stop
+        the run (every rank decides alike: gradient_step decides on all-reduced values)."""
         stats = gradient_step(self.policy, self.optimizer, self.cfg, rows, self.group, version)
-        self.steps += 1
+        if BAD_STEP not in stats:
+            self.steps += 1
+            self.bad_in_row = 0
+            return stats
+        self.bad_steps += 1
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.cfg.max_bad_steps:
+            raise RuntimeError(f"learner: {self.bad_in_row} gradient steps in a row had a non-finite loss or "
+                               f"gradient norm (last loss {stats['losses/bad_loss']}, grad norm "
+                               f"{stats['losses/bad_grad_norm']}; learner.max_bad_steps={self.cfg.max_bad_steps}); "
+                               f"the weights and the last checkpoint are from the last good step")
         return stats
 
     # ---- data-parallel group -----------------------------------------------------------------

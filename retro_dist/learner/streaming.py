@@ -16,6 +16,7 @@ import numpy as np
 
 from retro_dist.core import staleness
 from retro_dist.core.sampling import importance_weights
+from retro_dist.learner.update import BAD_STEP
 from retro_dist.replay.ratelimit import RateLimitedError
 
 _IDLE_POLL_S = 0.2  # wait between samples when the store has nothing trainable (or the limiter refuses)
@@ -73,7 +74,8 @@ class LearnerLoop:
         out = _aggregate(stats)
         lrn = self.learner
         steps = sum("losses/pg" in s for s in stats)
-        out.update({"learner/steps": lrn.steps, "learner/version": lrn.version,
+        out.pop(BAD_STEP, None)
+        out.update({"learner/steps": lrn.steps, "learner/version": lrn.version, "learner/bad_steps": lrn.bad_steps,
                     "learner/updates": steps, "learner/steps_per_s": steps / wall if wall > 0 else 0.0,
                     "learner/busy_fraction": staleness.busy_fraction(busy, wall),
                     "learner/busy_seconds_total": self._busy_total,
@@ -108,7 +110,7 @@ class LearnerLoop:
                 if stats is None:
                     self._stop.wait(_IDLE_POLL_S)
                     continue
-                if staleness.publishes_version(self.learner.steps, self.updates_per_version):
+                if BAD_STEP not in stats and staleness.publishes_version(self.learner.steps, self.updates_per_version):
                     self.learner.version += 1
                     self.learner.save_checkpoint()
                     self._publish()
@@ -137,6 +139,8 @@ class LearnerLoop:
         if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
             adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
         stats = lrn.update(batch.table, adv, base)
+        if BAD_STEP in stats:  # skipped: no step taken, nothing published
+            return stats
         lag = staleness.version_lag(lrn.version, batch.table.column("policy_version").to_numpy())
         if lag.max() > self.max_policy_lag:  # the store's staleness filter guarantees this
             raise AssertionError(f"trained on a row {int(lag.max())} versions old (max_policy_lag "

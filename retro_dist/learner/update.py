@@ -7,6 +7,8 @@ micro-batches or over ranks.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -15,6 +17,8 @@ from retro_dist.core import losses
 from retro_dist.learner.batches import Rows, micro_batch, plan_micro_batches
 from retro_dist.learner.distributed import Group
 from retro_dist.learner.policy import PolicyModel
+
+BAD_STEP = "learner/bad_step"  # in a skipped step's stats: its loss or gradient norm was NaN/inf
 
 
 def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, group: Group) -> torch.Tensor:
@@ -40,14 +44,20 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
 
 def gradient_step(policy: PolicyModel, optimizer: torch.optim.Optimizer, cfg: LearnerConfig, rows: Rows,
                   group: Group, version: int) -> dict:
-    """Zero, accumulate, all-reduce, clip, step. Every rank returns the same metrics."""
+    """Zero, accumulate, all-reduce, clip, step. Every rank returns the same metrics. A step whose
+    loss or gradient norm is not finite is skipped (grads zeroed, no optimizer step): its stats are
+    `{BAD_STEP: 1, ...}` only."""
     optimizer.zero_grad(set_to_none=True)
     sums = accumulate_gradients(policy, cfg, rows, group)
     group.all_reduce_grads_(policy.params)
     sums = group.all_reduce_sum_(sums.to(policy.device)).cpu() if group.distributed else sums
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)
-    optimizer.step()
     loss, ratio_sum, clipped, tokens, lp_sum, seqs = sums.tolist()
+    # Decided on the all-reduced loss and gradient norm, so every rank skips the same steps.
+    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)  # a NaN/inf step would poison the weights and AdamW's moments
+        return {BAD_STEP: 1, "losses/bad_loss": loss, "losses/bad_grad_norm": float(grad_norm)}
+    optimizer.step()
     lag = version - rows.policy_version
     return {"losses/pg": loss, "losses/grad_norm": float(grad_norm),
             "losses/mean_ratio": ratio_sum / max(tokens, 1.0),

@@ -308,7 +308,8 @@ class VLLMBackend:
     def score_candidates(self, prompt_ids, candidates) -> list[list[float]]:
         from vllm import SamplingParams
 
-        # One request per (prompt, candidate); the engine's prefix cache shares the prompt's KV.
+        # One request per (prompt, candidate). vLLM skips its prefix cache for prompt_logprobs requests,
+        # so each recomputes the prompt: the cost grows with the number of valid actions.
         reqs = [{"prompt_token_ids": list(p) + list(c)} for p, cands in zip(prompt_ids, candidates) for c in cands]
         flat = self.llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         scores, k = [], 0

@@ -54,7 +54,7 @@ def _select(args) -> None:
 
 
 def _config_ref(args) -> None:
-    from retro_dist.config import config_reference
+    from retro_dist.config_reference import config_reference
 
     print(config_reference())
 

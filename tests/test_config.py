@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from retro_dist.config import Config, ConfigError, config_reference, load_config
+from retro_dist.config import Config, ConfigError, load_config
+from retro_dist.config_reference import config_reference
 
 
 def _write(tmp_path, text):

@@ -11,24 +11,16 @@ from typing import Optional, Union
 from retro_dist.agents import prompts
 from retro_dist.agents.async_backends import AsyncOpenAIClient, AsyncVLLMEngine, HFBatcher
 from retro_dist.agents.backends import Adapter, Generation, HFBackend
-from retro_dist.agents.policies import prompt_ids
+from retro_dist.agents.policies import ActorRole, prompt_ids
 from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
 
 AsyncBackend = Union[AsyncVLLMEngine, HFBatcher]
 
 
-class AsyncActorPolicy:
+class AsyncActorPolicy(ActorRole):
     """Frozen actor: prompt -> one environment command."""
 
-    def __init__(self, cfg: ActorConfig, backend: Union[AsyncBackend, AsyncOpenAIClient]):
-        self.cfg = cfg
-        self.backend = backend
-        self.tokenizer = backend.tokenizer
-
-    @property
-    def max_prompt_tokens(self) -> Optional[int]:
-        """Token budget for `PromptBuilder`; None (cut by `fits` on text) without a local tokenizer."""
-        return self.cfg.max_prompt_tokens if self.tokenizer is not None else None
+    backend: Union[AsyncBackend, AsyncOpenAIClient]
 
     def fits(self, text: str) -> bool:
         return len(text) <= 4 * self.cfg.max_prompt_tokens  # used without a tokenizer only: ~4 chars a token

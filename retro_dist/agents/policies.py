@@ -13,10 +13,10 @@ from retro_dist.agents.backends import (Adapter, Backend, Generation, HFBackend,
 from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
 
 
-class ActorPolicy:
-    """Frozen actor: prompt -> one environment command."""
+class ActorRole:
+    """What both actor policies (lockstep here, async in `async_policies.py`) hold: config, backend, budget."""
 
-    def __init__(self, cfg: ActorConfig, backend: Backend | OpenAIBackend):
+    def __init__(self, cfg: ActorConfig, backend):
         self.cfg = cfg
         self.backend = backend
         self.tokenizer = backend.tokenizer
@@ -25,6 +25,12 @@ class ActorPolicy:
     def max_prompt_tokens(self) -> Optional[int]:
         """Token budget for `PromptBuilder`; None (cut by `fits` on text) without a local tokenizer."""
         return self.cfg.max_prompt_tokens if self.tokenizer is not None else None
+
+
+class ActorPolicy(ActorRole):
+    """Frozen actor: prompt -> one environment command."""
+
+    backend: Backend | OpenAIBackend
 
     def fits(self, text: str) -> bool:
         if self.tokenizer is None:  # remote actor without a local tokenizer: ~4 chars a token

@@ -28,7 +28,7 @@ from retro_dist.core.stats import cumulative_success, first_success
 from retro_dist.envs.registry import TaskMix
 from retro_dist.replay.writer import ReplayWriter
 from retro_dist.rollout.weight_source import WeightSource
-from retro_dist.rollout.worker import WeightSyncError, WorkerSpec, check_probe
+from retro_dist.rollout.worker import WorkerSpec, check_probe
 
 _BACKPRESSURE_POLL_S = 0.5
 

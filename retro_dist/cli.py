@@ -9,7 +9,7 @@ def _train(args) -> None:
     from retro_dist.config import load_config
     from retro_dist.launch.train import train
 
-    cfg = load_config(args.config, args.set or [])
+    cfg = load_config(args.config, (args.set or []) + (["run.resume=true"] if args.resume else []))
     run_dir = train(cfg, address=args.address)
     print(f"run finished: {run_dir}")
 
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run the actor-learner loop")
     _run_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder from its newest checkpoint (run.resume=true)")
     p.set_defaults(func=_train)
     p = sub.add_parser("make-models", help="build the tiny local Llama + tokenizer")
     p.add_argument("--output", default="models/tiny-lm")
@@ -117,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from retro_dist.agents.backends import BackendError
     from retro_dist.config import ConfigError
     from retro_dist.launch.preflight import PreflightError
+    from retro_dist.launch.supervisor import WorkerLost
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, PreflightError, BackendError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, PreflightError, BackendError, WorkerLost, FileNotFoundError, ValueError) as err:
         print(f"retro-dist: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

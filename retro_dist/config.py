@@ -111,6 +111,12 @@ class ActorConfig:
     """Prompts are cut from the left (oldest trajectory steps first) to this many tokens."""
     request_timeout_s: float = 30.0
     """Per-request timeout for the `openai` backend."""
+    max_retries: int = 6
+    """`openai` backend: retries of a request after a refused/reset connection, a timeout, HTTP 5xx, 408 or 429 (other 4xx fail at once); then its episode errors."""
+    retry_backoff_s: float = 1.0
+    """`openai` backend: delay before the first retry; it doubles per retry up to retry_backoff_max_s, with jitter (each delay drawn from [d/2, d])."""
+    retry_backoff_max_s: float = 30.0
+    """`openai` backend: cap on one retry's delay."""
 
 
 @dataclass
@@ -149,6 +155,8 @@ class RolloutConfig:
     """Reflections kept in the actor's prompt (M, Reflexion's long-term memory)."""
     max_consecutive_errors: int = 20
     """A worker stops with an error after this many errored episodes in a row (a dead simulator or endpoint)."""
+    max_worker_restarts: int = 10
+    """Replacement workers the driver starts over the whole run when a worker process dies (killed, node lost); past it the run stops."""
     repeats_per_task: int = 1
     """Episodes per task per iteration (G): with a greedy actor, G reflections of the same failed trial, for the leave-one-out baseline."""
     concurrent_episodes: int = 16
@@ -183,12 +191,18 @@ class LearnerConfig:
     """PPO clip range."""
     is_truncation: float = 2.0
     """Upper bound of the per-token importance ratio for `reinforce`."""
-    baseline: Literal["running_mean", "leave_one_out", "none"] = "running_mean"
-    """Baseline b(x): per-task running mean, leave-one-out over a batch's same-task samples, or none."""
+    baseline: Literal["running_mean", "leave_one_out", "value", "none"] = "running_mean"
+    """Baseline b(x): per-task running mean, leave-one-out over a batch's same-task samples, a learned value head on the reflector's hidden state at the prompt's end (`value`), or none."""
     baseline_decay: float = 0.9
     """EMA decay of the per-task running-mean baseline."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the initial reflector (the same model with the LoRA adapter disabled), k3 estimate summed over a reflection's tokens; 0 = off (losses/kl is logged either way)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (per-token entropy of the reflector at the reflection tokens, summed per reflection); 0 = off (losses/entropy is logged either way)."""
+    value_coef: float = 0.5
+    """`baseline: value` only: weight of the value head's squared error on the rewards in the loss (it shares the LoRA body with the policy)."""
     batch_source: Literal["replay", "fresh"] = "replay"
     """`replay`: sample batches from the store (sampler, staleness filter); `fresh`: this iteration's on-policy samples, whole groups kept together."""
     sft_iterations: int = 0
@@ -333,6 +347,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
                             ("rollout.tasks_per_iteration", r.tasks_per_iteration, 1),
                             ("rollout.parallel_tasks", r.parallel_tasks, 1), ("rollout.num_workers", r.num_workers, 0),
                             ("rollout.max_consecutive_errors", r.max_consecutive_errors, 1),
+                            ("rollout.max_worker_restarts", r.max_worker_restarts, 0),
                             ("env.step_limit", cfg.env.step_limit, 1), ("env.num_tasks", cfg.env.num_tasks, 1),
                             ("learner.batch_size", lrn.batch_size, 1), ("learner.micro_batch_size", lrn.micro_batch_size, 1),
                             ("learner.updates_per_iteration", lrn.updates_per_iteration, 1),
@@ -348,6 +363,10 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     if r.repeats_per_task < 1 or r.tasks_per_iteration % r.repeats_per_task or r.parallel_tasks % r.repeats_per_task:
         raise ConfigError("rollout.tasks_per_iteration and rollout.parallel_tasks must be multiples of "
                           "rollout.repeats_per_task (a task's repeats run side by side)")
+    _at_least(a.max_retries, 0, "actor.max_retries")
+    if not 0 < a.retry_backoff_s <= a.retry_backoff_max_s < float("inf"):
+        raise ConfigError(f"actor.retry_backoff_s ({a.retry_backoff_s}) must be > 0 and <= actor.retry_backoff_max_s "
+                          f"({a.retry_backoff_max_s}), both finite seconds")
     if a.backend == "openai" and not a.base_url:
         raise ConfigError("actor.base_url is required when actor.backend is 'openai'")
     if a.backend == "openai" and a.action_selection == "score_valid":
@@ -357,6 +376,10 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
     if lrn.batch_size % lrn.micro_batch_size:
         raise ConfigError("learner.batch_size must be a multiple of learner.micro_batch_size")
+    for key in ("kl_coef", "entropy_coef", "value_coef"):
+        value = getattr(lrn, key)
+        if not 0.0 <= value < float("inf"):
+            raise ConfigError(f"learner.{key} must be a finite number >= 0, got {value}")
     if lrn.micro_batch_tokens is not None and lrn.micro_batch_tokens < 1:
         raise ConfigError(f"learner.micro_batch_tokens must be >= 1 or null, got {lrn.micro_batch_tokens}")
     if lrn.num_gpus > 1 and lrn.num_gpus != int(lrn.num_gpus):

@@ -79,8 +79,14 @@ def with_output_redirect(cls: type) -> type:
         redirect_process_output(log_dir, log_name)
         cls.__init__(self, *args, **kwargs)
 
+    def where(self) -> dict:
+        """The actor's node and pid: answers at once (a liveness ping) and names the process to kill."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
     # Same name as the wrapped class, so Ray's actor listings and errors read as before.
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__qualname__": cls.__qualname__,
+    return type(cls.__name__, (cls,), {"__init__": __init__, "where": where, "__qualname__": cls.__qualname__,
                                        "__module__": cls.__module__})
 
 

@@ -19,7 +19,7 @@ from retro_dist.config import Config, ConfigError, as_dict
 from retro_dist.launch.logs import RunLogs
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
-from retro_dist.launch.system import LocalSystem, RaySystem, start_groups
+from retro_dist.launch.system import LocalSystem, RaySystem
 
 
 def with_absolute_model_paths(cfg: Config) -> Config:
@@ -84,11 +84,11 @@ def train(cfg: Config, address: Optional[str] = None) -> Path:
     try:
         logger = MetricsLogger.from_config(cfg, run_dir)  # before the workers: a missing wandb stops here
         system = (LocalSystem(cfg, run_dir) if cfg.rollout.num_workers == 0 and not address
-                  else RaySystem(cfg, run_dir, address, logs))
+                  else RaySystem(cfg, run_dir, address, logs, echo=logger.write))
         if cfg.run.mode == "sync":
             _train_sync(cfg, system, logger)
         else:
-            _train_async(cfg, run_dir, system, logger)
+            _train_async(cfg, system, logger)
     finally:
         if logger is not None:
             logger.close()
@@ -116,10 +116,10 @@ def _train_sync(cfg: Config, system, logger: MetricsLogger) -> None:
         logger.log(it, metrics)
 
 
-def _train_async(cfg: Config, run_dir: Path, system, logger: MetricsLogger) -> None:
+def _train_async(cfg: Config, system, logger: MetricsLogger) -> None:
     """The driver as a monitor: start the loops, log every `run.log_every_s`, stop at `run.updates`."""
     system.restore()
-    system.start_async(start_groups(run_dir, cfg, system.num_workers))
+    system.start_async()  # a resumed run's workers first rerun what they left unfinished
     interval = 0
     try:
         while True:
@@ -129,7 +129,7 @@ def _train_async(cfg: Config, run_dir: Path, system, logger: MetricsLogger) -> N
                 logger.progress(progress["steps"])  # redraws the bar (elapsed time, steps) between lines
                 if progress["done"]:  # wake early when it is done
                     break
-                time.sleep(min(0.5, max(0.0, deadline - time.time())))
+                system.check_workers(wait_s=min(0.5, max(0.0, deadline - time.time())))  # replaces dead ones
             learner, workers = system.poll_async()
             _print_errors(workers, logger)
             metrics = summarize_async(learner, workers, cfg.rollout.trials)

@@ -25,7 +25,8 @@ import torch
 from retro_dist.agents.backends import Adapter
 from retro_dist.config import LearnerConfig, ReflectorConfig
 from retro_dist.core import baselines
-from retro_dist.learner import checkpoints, sources
+from retro_dist.learner import checkpoints, ledger, sources
+from retro_dist.learner import value as value_mod
 from retro_dist.learner.batches import Rows
 from retro_dist.learner.distributed import DistSpec, Group
 from retro_dist.learner.policy import PolicyModel, resolve_device
@@ -43,7 +44,12 @@ class Learner:
         self.device = resolve_device(cfg.device)
         self.policy = PolicyModel(reflector, cfg, self.device)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
-        self.optimizer = torch.optim.AdamW(self.policy.params, lr=cfg.lr)
+        # `baseline: value`: a value head on the reflector's hidden state, in the same AdamW step
+        # (built after the LoRA, so the adapter's initialisation does not depend on the baseline)
+        self.value_head = (value_mod.ValueHead(self.policy.head.weight.shape[1]).to(self.device)
+                           if cfg.baseline == "value" else None)
+        head_params = [] if self.value_head is None else list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(self.policy.params + head_params, lr=cfg.lr)
         self.group = Group(dist, self.device)
         self.store = ReplayStore(replay_root, replay_cfg)
         self.baseline = baselines.RunningMeanBaseline(cfg.baseline_decay)
@@ -78,15 +84,22 @@ class Learner:
                  "precision_gap": precision, "movement": movement}
         for v in older[:-1]:  # keep the previous version's probe only
             del self._probes[v]
-        return Adapter(self.version, self.policy.lora_state(), self.policy.peft_config(), extra={"probe": probe})
+        tensors = self.policy.lora_state()
+        digest = ledger.weights_digest(tensors)
+        ledger.record(self.run_dir, self.version, digest)  # called once per publish
+        return Adapter(self.version, tensors, self.policy.peft_config(), extra={"probe": probe, "digest": digest})
 
     def save_checkpoint(self) -> Path:
         """peft adapter + learner state (safetensors + JSON), written atomically; rank 0 only."""
         if not self.group.is_leader:
             raise RuntimeError("only rank 0 of a learner group writes checkpoints")
         folder = self.run_dir / "checkpoints" / f"{self.version:06d}"
-        return checkpoints.save(folder, self.policy, self.optimizer,
-                                {"version": self.version, "steps": self.steps, "baseline": self.baseline.state_dict()})
+        state = {"version": self.version, "steps": self.steps, "baseline": self.baseline.state_dict()}
+        files = {}
+        if self.value_head is not None:  # the learned baseline: its weights beside the adapter, its shape in JSON
+            state["value_head"] = self.value_head.shape()
+            files[value_mod.TENSORS] = self.value_head.tensors()
+        return checkpoints.save(folder, self.policy, self.optimizer, state, files=files)
 
     def restore(self) -> Optional[int]:
         """Load the newest complete checkpoint of this run, if any; returns its version.
@@ -96,12 +109,25 @@ class Learner:
         path = checkpoints.newest(self.run_dir / "checkpoints")
         if path is None:
             return None
+        if self.value_head is not None and not (path / value_mod.TENSORS).is_file():
+            raise RuntimeError(f"checkpoint {path} has no value head, but learner.baseline is 'value': "
+                               f"resume with the baseline the run was started with")
         state = checkpoints.load(path, self.policy, self.optimizer)
+        self._restore_value_head(path, state)
         self.baseline.load_state_dict(state["baseline"])
         self.version, self.steps = int(state["version"]), int(state["steps"])
         if self.group.distributed:
             self.group.broadcast(("state", self._state()))
         return self.version
+
+    def _restore_value_head(self, path: Path, state: dict) -> None:
+        """The value head's weights from a checkpoint (its AdamW moments came with the optimizer's)."""
+        if self.value_head is None:
+            return
+        from safetensors.torch import load_file
+
+        self.value_head.load_tensors(load_file(str(path / value_mod.TENSORS), device=str(self.device)),
+                                     state["value_head"], f"checkpoint {path}")
 
     # ---- learning ----------------------------------------------------------------------------
     def train_iteration(self) -> dict:
@@ -132,6 +158,9 @@ class Learner:
         if self.cfg.baseline == "leave_one_out":
             groups = [f"{t}#{k}" for t, k in zip(cols["task_id"], cols["trial"])]
             b = baselines.leave_one_out(groups, rewards, fallback=b)
+        elif self.cfg.baseline == "value":  # V(x) from the current adapter and head, before the step
+            b = value_mod.predict(self.policy, self.value_head, table.column("prompt_ids").to_pylist(),
+                              self.cfg.micro_batch_size)
         elif self.cfg.baseline == "none":
             b = np.zeros_like(rewards)
         self.baseline.update(cols["task_id"], rewards)
@@ -143,6 +172,7 @@ class Learner:
         if adv is None:
             adv, base = self.advantages(table)
         rows = Rows.from_table(table, adv, base, on_policy)
+        rows.fit_value = self.version >= self.cfg.sft_iterations  # the SFT rows are the positive ones only
         if self.group.distributed:
             self.group.broadcast(("step", (rows, self.version)))
         return self._step(rows, self.version)
@@ -150,7 +180,7 @@ class Learner:
     def _step(self, rows: Rows, version: int) -> dict:
         """One gradient step; a non-finite one is skipped and counted, `max_bad_steps` in a row stop
         the run (every rank decides alike: gradient_step decides on all-reduced values)."""
-        stats = gradient_step(self.policy, self.optimizer, self.cfg, rows, self.group, version)
+        stats = gradient_step(self.policy, self.optimizer, self.cfg, rows, self.group, version, self.value_head)
         if BAD_STEP not in stats:
             self.steps += 1
             self.bad_in_row = 0
@@ -187,10 +217,12 @@ class Learner:
         opt = self.optimizer.state_dict()  # CPU copies: each rank moves them to its own device
         opt["state"] = {i: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in st.items()}
                         for i, st in opt["state"].items()}
-        return {"lora": self.policy.lora_state(), "optimizer": opt,
-                "version": self.version, "steps": self.steps}
+        return {"lora": self.policy.lora_state(), "optimizer": opt, "version": self.version, "steps": self.steps,
+                "value_head": None if self.value_head is None else self.value_head.tensors()}
 
     def _load_state(self, state: dict) -> None:
         self.policy.load_lora_state(state["lora"], "rank 0's state")
+        if self.value_head is not None:
+            self.value_head.load_tensors(state["value_head"], self.value_head.shape(), "rank 0's state")
         self.optimizer.load_state_dict(state["optimizer"])
         self.version, self.steps = state["version"], state["steps"]

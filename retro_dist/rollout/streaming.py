@@ -22,7 +22,9 @@ from typing import Optional
 
 import numpy as np
 
+from retro_dist.agents.policies import backend_counters
 from retro_dist.core import staleness
+from retro_dist.core.recovery import RerunPlan
 from retro_dist.core.records import to_batch
 from retro_dist.core.stats import cumulative_success, first_success
 from retro_dist.envs.registry import TaskMix
@@ -50,12 +52,15 @@ class _Counters:
 
 
 class StreamingWorker:
-    def __init__(self, spec: WorkerSpec, weight_source: WeightSource, max_policy_lag: int, start_group: int = 0):
+    def __init__(self, spec: WorkerSpec, weight_source: WeightSource, max_policy_lag: int,
+                 plan: Optional[RerunPlan] = None):
         self.spec = spec
         self.weight_source = weight_source  # also tells the newest published version (newest_version())
         self.max_policy_lag = max_policy_lag
         self.tasks = TaskMix(spec.env, spec.env.split)
-        self._next_group = start_group  # n-th task group this worker takes (see staleness.episode_group)
+        plan = plan or RerunPlan()
+        self._next_group = plan.next_n  # n-th task group this worker takes (see staleness.episode_group)
+        self._redo = list(plan.redo)  # a restart's unfinished episodes, rerun first under their keys
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._counts = _Counters()
@@ -102,7 +107,8 @@ class StreamingWorker:
                 "errors": c.errors, "versions": sorted(c.versions), "syncs": c.syncs,
                 "version": self.version, "paused_seconds": c.paused_seconds, "wall_seconds": wall,
                 "busy_fraction": staleness.busy_fraction(busy, wall), "runner": runner,
-                "committed_rows": self._writer.committed_rows if self._writer is not None else 0}
+                "committed_rows": self._writer.committed_rows if self._writer is not None else 0,
+                **backend_counters(getattr(self, "actor", None), getattr(self, "reflector", None))}
 
     def stop(self, timeout: float = 120.0) -> dict:
         """Stop taking episodes, cancel the ones in flight (they are rerun under the same keys by a
@@ -130,12 +136,17 @@ class StreamingWorker:
             self._error = err
 
     def _take_group(self) -> list[tuple]:
-        """(task, episode id, seed) for the `repeats_per_task` episodes of this worker's next group."""
+        """(task, episode id, seed) for the episodes of this worker's next group: the missing ones of
+        a group a previous life left unfinished, else all `repeats_per_task` of the next new group."""
         s, r = self.spec, self.spec.rollout
-        group = staleness.episode_group(s.worker_id, max(1, s.num_workers), self._next_group)
-        self._next_group += 1
+        if self._redo:
+            group, ids = self._redo.pop(0)
+        else:
+            group = staleness.episode_group(s.worker_id, max(1, s.num_workers), self._next_group)
+            self._next_group += 1
+            ids = staleness.group_episode_ids(group, r.repeats_per_task)
         (task,) = self.tasks.take(group, 1)
-        return [(task, e, s.seed * 7919 + e) for e in staleness.group_episode_ids(group, r.repeats_per_task)]
+        return [(task, e, s.seed * 7919 + e) for e in ids]
 
     def _on_done(self, job, out) -> None:
         """An episode finished: store its rows now, count it."""

@@ -18,15 +18,23 @@ from typing import Callable, Optional
 import psutil
 
 
+def jsonl(path: Path) -> list[dict]:
+    """The lines of a JSONL file that parse (a line torn by a SIGKILL mid-write does not)."""
+    out = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def events(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
-    path = Path(run_dir) / "events.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [r for r in rows if kind is None or r["event"] == kind]
+    return [r for r in jsonl(Path(run_dir) / "events.jsonl") if kind is None or r["event"] == kind]
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str, proc: Optional["TrainProcess"] = None,

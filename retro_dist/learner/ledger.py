@@ -32,8 +32,15 @@ def record(run_dir: Path, version: int, digest: str) -> None:
 
 
 def read(run_dir: Path) -> list[dict]:
+    """The ledger's entries; a line torn by a crash mid-write is skipped."""
     path = Path(run_dir) / "versions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def conflicts(entries: list[dict]) -> dict[int, set[str]]:

@@ -43,3 +43,11 @@ def audit(root_uri: str, tables: tuple[str, ...] = ("trials", "reflections")) ->
     out["duplicates"] = sum(n - 1 for c in keys.values() for n in c.values() if n > 1)
     return {k: int(out[k]) for k in ("rows_committed", "rows_readable", "duplicates",
                                      "unreadable_segments", "evicted_segments")}
+
+
+def committed_rows(root_uri: str) -> int:
+    """Rows every writer's catalog says are sealed (catalog files only: cheap to poll)."""
+    loc = StoreLocation(root_uri)
+    if not loc.exists("catalog"):
+        return 0
+    return sum(e.rows for w in writer_ids(loc) for e in load_catalog(loc, w).segments)

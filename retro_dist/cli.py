@@ -53,6 +53,13 @@ def _select(args) -> None:
     print(out["best"])
 
 
+def _campaign(args) -> None:
+    from retro_dist.launch.campaign import run_campaign
+
+    run_campaign(args.spec, only=args.only, address=args.address, jobs_address=args.jobs_address,
+                 parallel=args.parallel)
+
+
 def _config_ref(args) -> None:
     from retro_dist.config_reference import config_reference
 
@@ -107,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--split", default="dev", choices=["train", "dev"])
     p.set_defaults(func=_select)
+    p = sub.add_parser("campaign", help="train and evaluate a list of runs (seeds × games × configs), then one "
+                                        "table and plot; resumable")
+    p.add_argument("--spec", required=True, help="campaign YAML (see configs/campaigns/)")
+    p.add_argument("--only", default=None, help="run just this run of the campaign (what each Ray job does)")
+    p.add_argument("--address", default=None, help="Ray cluster each run joins (default: a local one per run)")
+    p.add_argument("--jobs-address", default=None,
+                   help="Ray dashboard URL (http://HEAD:8265): submit each run as its own Ray job")
+    p.add_argument("--parallel", type=int, default=2, help="Ray jobs at a time with --jobs-address")
+    p.set_defaults(func=_campaign)
+
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
     p.set_defaults(func=_config_ref)
     from retro_dist.replay.tools import add_subcommands

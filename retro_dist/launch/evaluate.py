@@ -103,15 +103,29 @@ def _report(first: dict, tasks, trials: int, split: str, checkpoint, seconds: fl
     n = len(tasks)
     rates = {arm: cumulative_success(f, trials).tolist() for arm, f in first.items()}
     ci = {arm: [list(wilson_interval(r * n, n)) for r in rs] for arm, rs in rates.items()}
+    games = [t.env_name for t in tasks]
+    # first_success: per arm, per task (in task_ids order), the first trial solved (0-based) or null,
+    # so paired statistics can be recomputed from this file alone.
     report = {"arms": rates, "ci95": ci, "tasks": n, "trials": trials, "split": split,
-              "task_ids": [t.task_id for t in tasks], "seeds": [t.seed for t in tasks],
-              "checkpoint": checkpoint, "seconds": seconds}
+              "task_ids": [t.task_id for t in tasks], "seeds": [t.seed for t in tasks], "games": games,
+              "first_success": first, "checkpoint": checkpoint, "seconds": seconds}
+    if len(set(games)) > 1:
+        report["by_game"] = {g: {arm: cumulative_success([f for f, gg in zip(fs, games) if gg == g], trials).tolist()
+                                 for arm, fs in first.items()} for g in sorted(set(games))}
     if "trained" in first and "initial" in first:
-        last = trials - 1
-        solved = {arm: [1.0 if f is not None and f <= last else 0.0 for f in first[arm]] for arm in first}
-        mean, lo, hi = paired_difference(solved["trained"], solved["initial"])
+        mean, lo, hi = paired_gain(report, "trained", "initial")
         report["trained_minus_initial_last_trial"] = {"mean": mean, "ci95": [lo, hi]}
     return report
+
+
+def paired_gain(report: dict, arm: str, base: str, game: Optional[str] = None) -> tuple[float, float, float]:
+    """Mean difference in success by the last trial, `arm` − `base`, paired over the same tasks
+    (optionally one game's), with its 95% interval; from an eval.json's per-task outcomes."""
+    last = report["trials"] - 1
+    keep = [game is None or g == game for g in report.get("games", [None] * report["tasks"])]
+    solved = {a: [1.0 if f is not None and f <= last else 0.0 for f, k in zip(report["first_success"][a], keep) if k]
+              for a in (arm, base)}
+    return paired_difference(solved[arm], solved[base])
 
 
 def markdown(report: dict) -> str:
@@ -127,6 +141,18 @@ def markdown(report: dict) -> str:
         d = report["trained_minus_initial_last_trial"]
         lines += ["", f"Trained − initial at trial {k} (paired over tasks): {d['mean']:+.3f} "
                       f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"]
+    if "by_game" in report:
+        arms = list(report["arms"])
+        paired = "trained" in arms and "initial" in arms
+        lines += ["", f"By game: success by trial {k}.", "",
+                  "| game | tasks | " + " | ".join(arms) + (" | trained − initial |" if paired else " |"),
+                  "|---|---|" + "---|" * (len(arms) + paired)]
+        for g, rates in report["by_game"].items():
+            cells = [f"{rates[a][-1]:.3f}" for a in arms]
+            if paired:
+                m, lo, hi = paired_gain(report, "trained", "initial", game=g)
+                cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            lines.append(f"| {g} | {report['games'].count(g)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

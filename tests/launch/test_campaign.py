@@ -1,0 +1,56 @@
+"""`retro-dist campaign`: runs expanded from a spec, trained then evaluated, aggregated; resumable."""
+import json
+
+import pytest
+
+from retro_dist.config import ConfigError
+from retro_dist.launch.campaign import expand, load_spec, run_campaign
+
+
+def test_expand_names_runs_after_what_differs():
+    runs = expand(["configs/a.yaml"], {"run.seed": [0, 1], "env.games": [["twx/coin"], ["twx/coin", "twx/sorting"]]},
+                  ["run.iterations=2"])
+    assert [r.name for r in runs] == ["seed-0-games-twx_coin", "seed-0-games-twx_coin_twx_sorting",
+                                      "seed-1-games-twx_coin", "seed-1-games-twx_coin_twx_sorting"]
+    assert runs[1].overrides == ["run.iterations=2", "run.seed=0", "env.games=[twx/coin, twx/sorting]"]
+    two = expand(["configs/a.yaml", "configs/b.yaml"], {"run.seed": [0]}, [])
+    assert [r.name for r in two] == ["a-seed-0", "b-seed-0"]
+
+
+def test_bad_specs_stop_with_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="campaign spec .* does not exist"):
+        load_spec(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nconfigs: [configs/test.yaml]\ngrd: {run.seed: [0]}\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) grd"):
+        load_spec(str(bad))
+    bad.write_text("name: x\nconfigs: [configs/test.yaml]\neval: {taks: 3}\n")
+    with pytest.raises(ConfigError, match="unknown eval key\\(s\\) taks"):
+        load_spec(str(bad))
+
+
+@pytest.mark.component
+def test_campaign_trains_evaluates_aggregates_and_resumes(tmp_path, in_repo, tiny_model):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+name: tiny
+output_dir: {tmp_path}/campaigns
+configs: [configs/test.yaml]
+grid: {{run.seed: [0, 1]}}
+overrides: [actor.model={tiny_model}, reflector.model={tiny_model}, rollout.num_workers=0,
+            run.iterations=1, rollout.tasks_per_iteration=2, rollout.parallel_tasks=2]
+eval: {{tasks: 4, trials: 2, split: test, arms: [initial, trained, oracle]}}
+""")
+    folder = tmp_path / "campaigns" / "tiny"
+    run_campaign(str(spec), only="seed-0")  # an interrupted campaign: one run done
+    done0 = (folder / "seed-0" / "train.done").stat().st_mtime
+    assert not (folder / "seed-1").exists() and not (folder / "campaign.json").exists()
+    summary = run_campaign(str(spec))
+    assert (folder / "seed-0" / "train.done").stat().st_mtime == done0  # not trained again
+    assert summary["finished"] == summary["planned"] == 2
+    for row in summary["runs"]:
+        assert set(row["final"]) == {"initial", "trained", "oracle"} and len(row["gain"]["ci95"]) == 2
+        rep = json.loads((folder / row["run"] / "eval-test" / "eval.json").read_text())
+        assert set(rep["first_success"]) == {"initial", "trained", "oracle"}  # per task, per arm
+        assert len(rep["first_success"]["trained"]) == rep["tasks"] == 4
+    assert (folder / "campaign.png").is_file() and "| seed-1 |" in (folder / "campaign.md").read_text()

@@ -69,3 +69,26 @@ def test_run_that_can_never_be_placed_stops_with_one_line(head, tmp_path, tiny_m
     assert last.startswith("retro-dist: error: the Ray cluster can never place this run: CPU 6 asked > 3 offered")
     assert "5 rollout worker(s)" in last
     assert time.time() - start < 100  # stopped, not waiting on a pending actor
+
+
+def test_campaign_runs_each_run_as_a_ray_job(head, tmp_path, tiny_model):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+name: jobs
+output_dir: {tmp_path}/campaigns
+configs: [configs/test.yaml]
+grid: {{run.seed: [0, 1]}}
+overrides: [actor.model={tiny_model}, reflector.model={tiny_model}, rollout.num_workers=1,
+            rollout.worker_num_cpus=0.5, run.iterations=1, rollout.tasks_per_iteration=2,
+            rollout.parallel_tasks=2]
+eval: {{tasks: 4, trials: 2, split: test, arms: [initial, trained]}}
+""")
+    cmd = [RETRO, "campaign", "--spec", str(spec), "--jobs-address", head.dashboard, "--parallel", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=ray_env(), capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("as Ray job") == 2 and done.stdout.count(": SUCCEEDED") == 2
+    summary = json.loads((tmp_path / "campaigns" / "jobs" / "campaign.json").read_text())
+    assert summary["finished"] == 2 and all("gain" in r for r in summary["runs"])
+    for run in ("seed-0", "seed-1"):  # each job trained on the head's cluster, then evaluated
+        assert (tmp_path / "campaigns" / "jobs" / run / "train.done").is_file()
+        assert (tmp_path / "campaigns" / "jobs" / run / "logs" / "worker-0.log").is_file()

@@ -201,8 +201,8 @@ class LearnerConfig:
     """Weight of the KL penalty to the initial reflector (the same model with the LoRA adapter disabled), k3 estimate summed over a reflection's tokens; 0 = off (losses/kl is logged either way)."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (per-token entropy of the reflector at the reflection tokens, summed per reflection); 0 = off (losses/entropy is logged either way)."""
-    value_coef: float = 0.5
-    """`baseline: value` only: weight of the value head's squared error on the rewards in the loss (it shares the LoRA body with the policy)."""
+    value_lr: float = 1e-3
+    """`baseline: value` only: AdamW learning rate of the value head (trained on the rewards by squared error, on the reflector's hidden state detached, so it never moves the adapter)."""
     batch_source: Literal["replay", "fresh"] = "replay"
     """`replay`: sample batches from the store (sampler, staleness filter); `fresh`: this iteration's on-policy samples, whole groups kept together."""
     sft_iterations: int = 0
@@ -376,7 +376,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
     if lrn.batch_size % lrn.micro_batch_size:
         raise ConfigError("learner.batch_size must be a multiple of learner.micro_batch_size")
-    for key in ("kl_coef", "entropy_coef", "value_coef"):
+    for key in ("kl_coef", "entropy_coef", "value_lr"):
         value = getattr(lrn, key)
         if not 0.0 <= value < float("inf"):
             raise ConfigError(f"learner.{key} must be a finite number >= 0, got {value}")

@@ -47,24 +47,65 @@ class _TargetLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh = torch.zeros_like(hidden) if need_h else None
-        gw = torch.zeros_like(weight) if need_w else None
-        gb = torch.zeros_like(bias) if need_b and bias is not None else None
         c = ctx.chunk_rows
-        for lo in range(0, hidden.shape[0], c):
-            h = hidden[lo:lo + c]
-            z = _chunk_logits(h, weight, bias)
-            g = -torch.exp(z - lse[lo:lo + c, None])  # −softmax
+
+        def grad_logits(lo, z):  # d/dz log softmax(z)[y] = onehot(y) − softmax(z)
+            g = -torch.exp(z - lse[lo:lo + c, None])
             g.scatter_add_(-1, targets[lo:lo + c, None], torch.ones_like(g[:, :1]))
-            g = g * grad_out[lo:lo + c, None].to(g.dtype)  # (C, V) d loss / d logits
-            if gh is not None:
-                gh[lo:lo + c] = (g @ weight.to(g.dtype)).to(gh.dtype)
-            if gw is not None:
-                gw += (g.T @ h.to(g.dtype)).to(gw.dtype)
-            if gb is not None:
-                gb += g.sum(0).to(gb.dtype)
-        return gh, gw, gb, None, None
+            return g * grad_out[lo:lo + c, None].to(g.dtype)
+
+        return _head_backward(ctx, hidden, weight, bias, grad_logits) + (None, None)
+
+
+class _TokenEntropy(torch.autograd.Function):
+    """H = −Σ_v p_v log p_v of softmax(h W^T + b) for N rows, C rows at a time (as _TargetLogprob:
+    only the log-sum-exp and the entropy per row are saved; each chunk's logits are recomputed in
+    backward). dH/dz_v = −p_v (log p_v + H)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_rows):
+        dt = torch.promote_types(hidden.dtype, torch.float32)
+        ent = torch.empty(hidden.shape[0], dtype=dt, device=hidden.device)
+        lse = torch.empty_like(ent)
+        for lo in range(0, hidden.shape[0], chunk_rows):
+            z = _chunk_logits(hidden[lo:lo + chunk_rows], weight, bias)
+            lse[lo:lo + chunk_rows] = torch.logsumexp(z, -1)
+            logp = z - lse[lo:lo + chunk_rows, None]
+            ent[lo:lo + chunk_rows] = -(torch.exp(logp) * logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, lse, ent)
+        ctx.chunk_rows = chunk_rows
+        return ent
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, lse, ent = ctx.saved_tensors
+        c = ctx.chunk_rows
+
+        def grad_logits(lo, z):
+            logp = z - lse[lo:lo + c, None]
+            return -torch.exp(logp) * (logp + ent[lo:lo + c, None]) * grad_out[lo:lo + c, None].to(z.dtype)
+
+        return _head_backward(ctx, hidden, weight, bias, grad_logits) + (None,)
+
+
+def _head_backward(ctx, hidden, weight, bias, grad_logits) -> tuple:
+    """Gradients w.r.t. (hidden, weight, bias) of a loss on z = h W^T + b, given d loss/dz per
+    chunk (`grad_logits(lo, z)` -> (C, V)), one (C, V) block at a time."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    gh = torch.zeros_like(hidden) if need_h else None
+    gw = torch.zeros_like(weight) if need_w else None
+    gb = torch.zeros_like(bias) if need_b and bias is not None else None
+    c = ctx.chunk_rows
+    for lo in range(0, hidden.shape[0], c):
+        h = hidden[lo:lo + c]
+        g = grad_logits(lo, _chunk_logits(h, weight, bias))  # (C, V) d loss / d logits
+        if gh is not None:
+            gh[lo:lo + c] = (g @ weight.to(g.dtype)).to(gh.dtype)
+        if gw is not None:
+            gw += (g.T @ h.to(g.dtype)).to(gw.dtype)
+        if gb is not None:
+            gb += g.sum(0).to(gb.dtype)
+    return gh, gw, gb
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -87,6 +128,45 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
     return _TargetLogprob.apply(hidden, weight, bias, targets, max(1, int(chunk_rows)))
+
+
+def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  chunk_rows: int = 1024) -> torch.Tensor:
+    """(N, H) hidden states, (V, H) head weight -> (N,) entropy (nats) of each row's next-token
+    distribution, fp32 at least, never materialising (N, V) (the same chunking as target_logprobs)."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return _TokenEntropy.apply(hidden, weight, bias, max(1, int(chunk_rows)))
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from tokens sampled by π_θ: Schulman's k3 estimator
+    ("Approximating KL Divergence", 2020), k3 = e^u − u − 1 with u = log π_ref(y) − log π_θ(y),
+    as GRPO (Shao et al. 2024) and verl's `low_var_kl` use it. Unbiased, always ≥ 0, and of low
+    variance when the two policies are close; its gradient in log π_θ is 1 − e^u, which pushes
+    hard against a sampled token whose probability falls far below the reference's."""
+    u = ref_logp - logp
+    return torch.exp(u) - u - 1
+
+
+def regularizer_loss(logp: torch.Tensor, ref_logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
+                     normalizer: float, kl_coef: float, entropy_coef: float):
+    """kl_coef · Σ_t k3_t − entropy_coef · Σ_t H_t per sequence, summed over rows / normalizer
+    (the policy losses' convention: the KL and entropy of a sequence are sums over its tokens).
+
+    logp, ref_logp (reference, no gradient), entropy, mask: (B, T). Returns (loss, Σ k3, Σ H)
+    where the two sums run over the real tokens (for the per-token means the learner logs).
+    """
+    mask = mask.to(logp.dtype)
+    kl = kl_k3(logp, ref_logp.detach().to(logp.dtype)) * mask
+    ent = entropy.to(logp.dtype) * mask
+    loss = (kl_coef * kl.sum() - entropy_coef * ent.sum()) / normalizer
+    return loss, float(kl.detach().sum()), float(ent.detach().sum())
+
+
+def value_loss(pred: torch.Tensor, target: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Σ_i (V(x_i) − r_i)² / normalizer: the value baseline's regression on the rewards."""
+    return ((pred - target.to(pred.dtype)) ** 2).sum() / normalizer
 
 
 @dataclass

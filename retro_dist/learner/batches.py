@@ -36,6 +36,7 @@ class Rows:
     baseline: np.ndarray  # (B,) b(x_i), for metrics
     reward: np.ndarray  # (B,) r_i
     policy_version: np.ndarray  # (B,) version that wrote row i
+    fit_value: bool = True  # train the value head (if any) on these rows' rewards (not in the SFT warm start)
 
     @classmethod
     def from_table(cls, table, adv: np.ndarray, base: np.ndarray, on_policy: bool) -> "Rows":
@@ -80,6 +81,8 @@ class MicroBatch:
     mask: torch.Tensor  # (B, T) 1.0 on real reflection tokens
     behaviour: Optional[torch.Tensor]  # (B, T) μ log-probs; None = on-policy
     advantages: torch.Tensor  # (B,)
+    prompt_end: Optional[torch.Tensor] = None  # (B,) index of each prompt's last token (the value head reads it)
+    rewards: Optional[torch.Tensor] = None  # (B,) r_i, the value head's regression targets
 
     def to(self, device) -> "MicroBatch":
         move = (lambda t: None if t is None else t.to(device))
@@ -87,7 +90,7 @@ class MicroBatch:
 
 
 def collate(prompts: Sequence, reflections: Sequence, pad_id: int, behaviour: Optional[Sequence] = None,
-            advantages: Optional[Sequence[float]] = None) -> MicroBatch:
+            advantages: Optional[Sequence[float]] = None, rewards: Optional[Sequence[float]] = None) -> MicroBatch:
     seqs = [list(p) + list(r) for p, r in zip(prompts, reflections)]
     width = max(len(s) for s in seqs)
     t_max = max(max(len(r) for r in reflections), 1)
@@ -99,10 +102,11 @@ def collate(prompts: Sequence, reflections: Sequence, pad_id: int, behaviour: Op
         positions=positions, targets=pad(reflections, t_max, 0),
         mask=pad([[1.0] * len(r) for r in reflections], t_max, 0.0),
         behaviour=None if behaviour is None else pad([list(b) for b in behaviour], t_max, 0.0),
-        advantages=adv)
+        advantages=adv, prompt_end=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
+        rewards=None if rewards is None else torch.as_tensor(np.asarray(rewards), dtype=torch.float32))
 
 
 def micro_batch(rows: Rows, idx: list[int], pad_id: int) -> MicroBatch:
     return collate([rows.prompt_ids[i] for i in idx], [rows.reflection_ids[i] for i in idx], pad_id,
                    None if rows.behaviour is None else [rows.behaviour[i] for i in idx],
-                   rows.advantages[idx])
+                   rows.advantages[idx], rows.reward[idx])

@@ -21,8 +21,11 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 LEGACY_STATE = "learner_state.pt"  # older checkpoints; read with weights_only=True
 
 
-def save(folder: Path, policy, optimizer: torch.optim.Optimizer, extra: dict) -> Path:
-    """Write `folder` atomically: adapter files, optimizer tensors, and `extra` (JSON) as the state."""
+def save(folder: Path, policy, optimizer: torch.optim.Optimizer, extra: dict,
+         files: Optional[dict] = None) -> Path:
+    """Write `folder` atomically: adapter files, optimizer tensors, and `extra` (JSON) as the state.
+    `files`: more safetensors files to write inside it, file name -> {tensor name: tensor} (the
+    value head's weights); they are renamed into place with the rest."""
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -37,6 +40,8 @@ def save(folder: Path, policy, optimizer: torch.optim.Optimizer, extra: dict) ->
             else:
                 scalars[f"{idx}.{name}"] = value
     save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+    for name, more in (files or {}).items():
+        save_file(more, str(tmp / name))
     state = dict(extra, optimizer={"param_groups": opt["param_groups"], "scalars": scalars})
     (tmp / STATE_JSON).write_text(json.dumps(state, default=float))
     shutil.rmtree(folder, ignore_errors=True)

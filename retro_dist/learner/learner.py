@@ -48,8 +48,10 @@ class Learner:
         # (built after the LoRA, so the adapter's initialisation does not depend on the baseline)
         self.value_head = (value_mod.ValueHead(self.policy.head.weight.shape[1]).to(self.device)
                            if cfg.baseline == "value" else None)
-        head_params = [] if self.value_head is None else list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(self.policy.params + head_params, lr=cfg.lr)
+        groups = [{"params": self.policy.params}]
+        if self.value_head is not None:  # its own group: its own learning rate
+            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.value_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.group = Group(dist, self.device)
         self.store = ReplayStore(replay_root, replay_cfg)
         self.baseline = baselines.RunningMeanBaseline(cfg.baseline_decay)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from retro_dist.agents.backends import check_lora_config, load_tokenizer
@@ -23,6 +26,21 @@ from retro_dist.core import losses
 from retro_dist.learner.batches import MicroBatch, collate
 
 LOGPROB_CHUNK_ROWS = 1024  # rows per (rows, vocab) fp32 logits block: 1024 × 152k × 4 B = 0.6 GB
+
+
+@dataclass
+class ReflectionOutputs:
+    """What one forward pass of the policy gives the update step."""
+
+    logprobs: torch.Tensor  # (B, T) log π_θ(y_t | x, y_<t), 0 on padding
+    entropy: Optional[torch.Tensor]  # (B, T) entropy of π_θ(· | x, y_<t) in nats, 0 on padding; None if not asked
+    prompt_state: torch.Tensor  # (B, H) hidden state at the prompt's last token (before the reflection)
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the real tokens -> (B, T), 0 on padding."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.index_put((b_idx, t_idx), values)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,17 +85,54 @@ class PolicyModel:
         return contextlib.nullcontext()
 
     # ---- log-probs -----------------------------------------------------------------------------
-    def logprobs(self, mb: MicroBatch) -> torch.Tensor:
-        """(B, T) log-probs of the reflection tokens, 0 on padding; never builds (B, L, V)."""
-        with self.autocast():
-            hidden = self.body(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                               use_cache=False).last_hidden_state  # (B, L, H)
+    def forward(self, mb: MicroBatch, entropy: bool = False, entropy_grad: bool = False) -> ReflectionOutputs:
+        """One pass of the body: log-probs at the reflection tokens, optionally their entropies (with
+        a gradient only if `entropy_grad`), and the hidden state at each prompt's last token."""
+        hidden = self._hidden(mb)  # (B, L, H)
         b_idx, t_idx = mb.mask.nonzero(as_tuple=True)  # real reflection tokens only
         h = hidden[b_idx, mb.positions[b_idx, t_idx]]  # (N, H)
+        bias = getattr(self.head, "bias", None)
+        lp = losses.target_logprobs(h, self.head.weight, mb.targets[b_idx, t_idx], bias, LOGPROB_CHUNK_ROWS)
+        ent = None
+        if entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                src = h if entropy_grad else h.detach()
+                ent = _scatter(losses.token_entropy(src, self.head.weight, bias, LOGPROB_CHUNK_ROWS), mb.mask, b_idx, t_idx)
+        state = hidden[torch.arange(hidden.shape[0], device=hidden.device), mb.prompt_end.to(hidden.device)]
+        return ReflectionOutputs(_scatter(lp, mb.mask, b_idx, t_idx), ent, state)
+
+    def logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        """(B, T) log-probs of the reflection tokens, 0 on padding; never builds (B, L, V)."""
+        return self.forward(mb).logprobs
+
+    @torch.no_grad()
+    def initial_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        """(B, T) log-probs under the initial reflector: the same model with the LoRA adapter
+        disabled (the KL penalty's reference; costs one no-grad forward, no copy of the weights)."""
+        with self.model.disable_adapter():
+            hidden = self._hidden(mb)
+        b_idx, t_idx = mb.mask.nonzero(as_tuple=True)
+        h = hidden[b_idx, mb.positions[b_idx, t_idx]]
         lp = losses.target_logprobs(h, self.head.weight, mb.targets[b_idx, t_idx],
                                     getattr(self.head, "bias", None), LOGPROB_CHUNK_ROWS)
-        out = torch.zeros(mb.mask.shape, dtype=lp.dtype, device=lp.device)
-        return out.index_put((b_idx, t_idx), lp)
+        return _scatter(lp, mb.mask, b_idx, t_idx)
+
+    @torch.no_grad()
+    def prompt_states(self, prompts: list, max_rows: int) -> torch.Tensor:
+        """(B, H) fp32 hidden states at each prompt's last token (what the value head reads), in
+        micro-batches of at most `max_rows` prompts; no reflection tokens needed (causal model)."""
+        out = []
+        for lo in range(0, len(prompts), max_rows):
+            chunk = prompts[lo:lo + max_rows]
+            mb = collate(chunk, [[] for _ in chunk], self.tokenizer.pad_token_id).to(self.device)
+            hidden = self._hidden(mb)
+            out.append(hidden[torch.arange(len(chunk), device=hidden.device), mb.prompt_end].float())
+        return torch.cat(out) if out else torch.zeros(0, self.head.weight.shape[1], device=self.device)
+
+    def _hidden(self, mb: MicroBatch) -> torch.Tensor:
+        with self.autocast():
+            return self.body(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                             use_cache=False).last_hidden_state
 
     def reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
         """The slow reference: full-vocabulary logits and log-softmax at every position."""

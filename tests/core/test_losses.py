@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from retro_dist.core.losses import ppo_clip_loss, reinforce_loss, target_logprobs, token_logprobs
+from retro_dist.core.losses import (kl_k3, ppo_clip_loss, regularizer_loss, reinforce_loss, target_logprobs,
+                                    token_entropy, token_logprobs, value_loss)
 
 
 def slow_reinforce(logp, beh, adv, lengths, n, cap):
@@ -134,3 +135,85 @@ def test_chunked_target_logprobs_are_fp32_from_bf16_hidden_states():
     got = target_logprobs(hidden.bfloat16(), weight, targets)
     ref = torch.log_softmax(hidden.bfloat16().float() @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)
     assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-5)
+
+
+# ---- KL to the reference, entropy, value regression -------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_chunked_entropy_equals_direct_softmax_entropy_and_its_gradient(chunk):
+    hidden, weight, bias, _ = _head_case()
+    h1, w1, b1 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    logp = torch.log_softmax(h1 @ w1.T + b1, -1)
+    full = -(logp.exp() * logp).sum(-1)
+    coef = torch.linspace(-1, 2, hidden.shape[0])
+    (full * coef).sum().backward()
+    h2, w2, b2 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    got = token_entropy(h2, w2, b2, chunk_rows=chunk)
+    (got * coef).sum().backward()
+    assert torch.allclose(got, full, atol=1e-5)
+    for a, b in ((h1, h2), (w1, w2), (b1, b2)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_gradcheck_chunked_entropy():
+    hidden, weight, bias, _ = _head_case(torch.float64, n=6, h=3, v=7)
+    args = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(lambda h, w, b: token_entropy(h, w, b, chunk_rows=4), args)
+    assert token_entropy(hidden[:0], weight).shape == (0,)
+
+
+def test_entropy_of_uniform_and_peaked_rows():
+    weight = torch.eye(4)
+    got = token_entropy(torch.tensor([[0.0, 0, 0, 0], [50.0, 0, 0, 0]]), weight)
+    assert got[0].item() == pytest.approx(math.log(4)) and got[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_k3_is_an_unbiased_nonnegative_kl_estimate():
+    # tokens sampled from p: E_p[k3] = KL(p ‖ q) exactly, computed here as a weighted sum
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(10, generator=g, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(10, generator=g, dtype=torch.float64), -1)
+    k3 = kl_k3(p.log(), q.log())
+    assert (k3 >= 0).all()
+    assert float((p * k3).sum()) == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-12)
+    assert kl_k3(p.log(), p.log()).abs().max() == 0
+
+
+def test_regularizer_value_against_direct_sum_and_padding():
+    logp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.1, 7.0]])
+    ref = torch.tensor([[-1.5, -1.0, 3.0], [-0.5, -0.3, -2.0]])
+    ent = torch.tensor([[0.7, 1.1, 5.0], [0.2, 0.4, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # the last column is padding (garbage)
+    loss, kl_sum, ent_sum = regularizer_loss(logp, ref, ent, mask, normalizer=4, kl_coef=0.3, entropy_coef=0.05)
+    direct_kl = sum(math.exp(r - l) - (r - l) - 1 for l, r in [(-1, -1.5), (-2, -1), (-0.5, -0.5), (-0.1, -0.3)])
+    assert kl_sum == pytest.approx(direct_kl, rel=1e-6) and ent_sum == pytest.approx(2.4, rel=1e-6)
+    assert loss.item() == pytest.approx((0.3 * direct_kl - 0.05 * 2.4) / 4, rel=1e-6)
+
+
+def test_kl_gradient_pulls_log_probs_toward_the_reference_and_entropy_gradient_raises_entropy():
+    logp = torch.tensor([[-3.0, -0.2]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.float64)
+    loss, _, _ = regularizer_loss(logp, ref, torch.zeros(1, 2, dtype=torch.float64), mask, 1, kl_coef=1.0, entropy_coef=0.0)
+    loss.backward()
+    # below the reference: descent raises log π (negative gradient); above: lowers it; 1 − e^u exactly
+    assert logp.grad[0, 0] < 0 < logp.grad[0, 1]
+    assert torch.allclose(logp.grad, 1 - torch.exp(ref - logp.detach()))
+    # the entropy bonus: one descent step on its loss makes a peaked head's rows flatter
+    hidden, weight, bias, _ = _head_case(n=5)
+    w = weight.clone().requires_grad_(True)
+    ent = token_entropy(hidden, w, bias)
+    loss, _, before = regularizer_loss(ent[None] * 0, ent[None].detach() * 0, ent[None], torch.ones(1, 5), 1, 0.0, 1.0)
+    loss.backward()
+    with torch.no_grad():
+        after = token_entropy(hidden, w - 1e-2 * w.grad, bias).sum()
+    assert w.grad.abs().sum() > 0 and float(after) > before
+
+
+def test_value_loss_matches_mse_and_its_gradient_sign():
+    pred = torch.tensor([0.5, -0.2, 0.0], requires_grad=True)
+    target = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    loss = value_loss(pred, target, normalizer=3)
+    assert loss.item() == pytest.approx((0.25 + 0.64) / 3)
+    loss.backward()
+    assert pred.grad[0] < 0 < pred.grad[1] and pred.grad[2] == 0  # descent moves each prediction to its reward

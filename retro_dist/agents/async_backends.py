@@ -24,22 +24,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-from retro_dist.agents.backends import Adapter, BackendError, Generation, HFBackend, engine_kwargs, load_tokenizer
-from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
+from retro_dist.agents.backends import (Adapter, BackendError, EngineDead, EngineRebuildFailed, Generation, HFBackend,
+                                        engine_kwargs, load_tokenizer)
+from retro_dist.agents.openai_backend import AsyncOpenAIClient  # noqa: F401 (its home was here)
+from retro_dist.config import ReflectorConfig, VLLMConfig
 
 
 class AsyncVLLMEngine:
     """One `AsyncLLM` serving base-model requests and, per request, the newest LoRA adapter.
 
     Build it with `await AsyncVLLMEngine.start(...)` inside the event loop that will use it (the
-    engine's output handler is a task of that loop)."""
+    engine's output handler is a task of that loop). If the engine's process dies, the requests in
+    flight raise `EngineDead`, one rebuild starts (same arguments; the current adapter served again and
+    its probe checked; counted in `rebuilds`), and new requests wait for it. A rebuild that fails
+    raises `EngineRebuildFailed` to every waiting request: the worker stops."""
 
-    def __init__(self, llm, tokenizer):
+    def __init__(self, llm, tokenizer, kwargs: Optional[dict] = None):
         self.llm = llm
         self.tokenizer = tokenizer
+        self._kwargs = kwargs
         self._ids = itertools.count()
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="retro_dist_adapters_"))
         self._lora = None  # (LoRARequest, version) of the newest adapter
+        self._adapter: Optional[Adapter] = None
         self._in_flight: dict[int, int] = {}  # adapter version -> requests still using its folder
         self.version = -1
         self._closed = False
@@ -56,15 +63,18 @@ class AsyncVLLMEngine:
         self._generating = 0
         self._gens_idle = asyncio.Event()
         self._gens_idle.set()
+        self.rebuilds = 0
+        self._engine_id = 0  # which engine a request went to: one death, one rebuild
+        self._serving = asyncio.Event()  # cleared while a rebuild runs
+        self._serving.set()
+        self._rebuild_task: Optional[asyncio.Task] = None
+        self._fatal: Optional[BaseException] = None
 
     @classmethod
     async def start(cls, model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig], seed: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         kwargs = dict(engine_kwargs(model, engine, lora, seed), disable_log_stats=True)
-        return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), load_tokenizer(model))
+        return cls(_async_llm(kwargs), load_tokenizer(model), kwargs)
 
     def load_adapter(self, adapter: Adapter) -> None:
         """Write the adapter as a peft folder; requests submitted from now on use it (cheap, sync)."""
@@ -77,6 +87,7 @@ class AsyncVLLMEngine:
         (path / "adapter_config.json").write_text(json.dumps(adapter.peft_config))
         # A new name + int id per version, so the engine never serves a cached older adapter.
         self._lora = (LoRARequest(f"reflector-v{adapter.version}", adapter.version + 1, str(path)), adapter.version)
+        self._adapter = adapter
         self.version = adapter.version
         self._prune()
 
@@ -87,13 +98,21 @@ class AsyncVLLMEngine:
             if v != self.version and not self._in_flight.get(v):
                 shutil.rmtree(old, ignore_errors=True)
 
+    async def _until_serving(self) -> None:
+        await self._serving.wait()
+        if self._fatal is not None:
+            raise self._fatal
+
     async def _final(self, prompt_ids: Sequence[int], params, use_adapter: bool) -> tuple[object, int]:
         """Run one request to completion; returns (RequestOutput, adapter version it used or -1)."""
         from vllm.sampling_params import RequestOutputKind
 
+        from retro_dist.agents.engine_health import engine_is_dead
+
         params.output_kind = RequestOutputKind.FINAL_ONLY
         lora, version = self._lora if (use_adapter and self._lora is not None) else (None, -1)
         self._in_flight[version] = self._in_flight.get(version, 0) + 1
+        engine_id = self._engine_id
         try:
             final = None
             async for out in self.llm.generate({"prompt_token_ids": list(prompt_ids)}, params,
@@ -101,13 +120,45 @@ class AsyncVLLMEngine:
                 final = out
         except asyncio.CancelledError:
             raise  # the engine aborts the request itself
-        except Exception as err:  # an engine that died: the episode errors, the runner goes on
-            raise BackendError(f"vLLM request failed: {type(err).__name__}: {err}") from err
+        except Exception as err:  # the episode errors, the runner goes on
+            reason = f"{type(err).__name__}: {err}"
+            if not (engine_is_dead(err, self.llm.engine_core) or self.llm.errored):
+                raise BackendError(f"vLLM request failed: {reason}") from err
+            self._start_rebuild(engine_id)
+            raise EngineDead(f"vLLM engine died ({reason}); rebuilding, its requests are lost") from err
         finally:
             self._in_flight[version] -= 1
             if 0 <= version != self.version and not self._in_flight[version]:
                 self._prune()
         return final, version
+
+    def _start_rebuild(self, engine_id: int) -> None:
+        """One rebuild per dead engine, however many of its requests report the death."""
+        if engine_id == self._engine_id and (self._rebuild_task is None or self._rebuild_task.done()):
+            self._serving.clear()
+            self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        from retro_dist.agents.engine_health import check_rebuilt, has_probe
+
+        try:
+            try:
+                self.llm.shutdown()
+            except Exception:  # a dead engine may fail to shut down cleanly; its processes are gone
+                pass
+            await self._gens_idle.wait()  # the dead engine's requests have all raised
+            # Built on the loop (AsyncLLM binds to it); other episodes cannot use a dead engine anyway.
+            self.llm = _async_llm(self._kwargs)
+            self._engine_id += 1
+            self.rebuilds += 1
+            if has_probe(self._adapter):
+                probe = self._adapter.extra["probe"]
+                check_rebuilt(self._adapter, await self._score(probe["prompt_ids"], probe["completion_ids"], True))
+        except Exception as err:
+            self._fatal = err if isinstance(err, EngineRebuildFailed) else EngineRebuildFailed(
+                f"vLLM engine rebuild failed: {type(err).__name__}: {err}")
+        finally:
+            self._serving.set()
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float,
                        stop_at_newline: bool = False, use_adapter: bool = True, seed: int = 0) -> Generation:
@@ -115,6 +166,7 @@ class AsyncVLLMEngine:
 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0, seed=seed,
                                 stop=["\n"] if stop_at_newline else None, include_stop_str_in_output=True)
+        await self._until_serving()
         await self._no_scoring.wait()
         self._generating += 1
         self._gens_idle.clear()
@@ -132,6 +184,10 @@ class AsyncVLLMEngine:
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
                     use_adapter: bool = True) -> list[float]:
         """log P(completion_ids[t] | prompt, completion_ids[:t]) per token."""
+        await self._until_serving()
+        return await self._score(prompt_ids, completion_ids, use_adapter)
+
+    async def _score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], use_adapter: bool) -> list[float]:
         from vllm import SamplingParams
 
         full = list(prompt_ids) + list(completion_ids)
@@ -157,8 +213,17 @@ class AsyncVLLMEngine:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._rebuild_task is not None and not self._rebuild_task.done():
+                self._rebuild_task.cancel()
             self.llm.shutdown()
             shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+
+def _async_llm(kwargs: dict):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
 class HFBatcher:
@@ -167,7 +232,8 @@ class HFBatcher:
     Requests wait in a queue; whenever the model is free, every waiting request of the same kind
     (and sampling parameters) goes into one batched call, run in a worker thread so the event loop
     keeps stepping simulators meanwhile. Rows are seeded one by one, so a request's sample does not
-    depend on its batch. Adapter loads take the model lock: they never land mid-batch.
+    depend on its batch. Adapter loads take the model lock: they never land mid-batch. If a batch
+    raises, its requests are asked again one by one: only the one that raises fails.
     """
 
     def __init__(self, backend: HFBackend, max_batch: int = 64):
@@ -207,14 +273,24 @@ class HFBatcher:
                 continue
             try:
                 results = await loop.run_in_executor(self._pool, self._run, key, [r[1] for r in live])
-            except Exception as err:  # every request of the failed batch gets the error
-                for _, _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(BackendError(f"HF batch failed: {type(err).__name__}: {err}"))
-                continue
+            except Exception as err:
+                if len(live) == 1:
+                    results = [BackendError(f"HF request failed: {type(err).__name__}: {err}")]
+                else:  # ask each request alone, so one that raises fails only its own episode
+                    results = [await loop.run_in_executor(self._pool, self._run_alone, key, r[1]) for r in live]
             for (_, _, fut), res in zip(live, results):
                 if not fut.done():
-                    fut.set_result(res)
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+
+    def _run_alone(self, key: tuple, row: tuple):
+        """In the worker thread: one request by itself; its result, or its error as a BackendError."""
+        try:
+            return self._run(key, [row])[0]
+        except Exception as err:
+            return BackendError(f"HF request failed: {type(err).__name__}: {err}")
 
     def _run(self, key: tuple, rows: list[tuple]) -> list:
         """In the worker thread: one batched backend call for `rows` of kind `key`."""
@@ -251,41 +327,3 @@ class HFBatcher:
             fut.cancel()
         self._queue = []
         self._pool.shutdown(wait=True)  # a batch in the thread finishes; its results are dropped
-
-
-class AsyncOpenAIClient:
-    """A frozen actor behind an OpenAI-compatible `/v1/completions` endpoint, one request per step.
-
-    aiohttp, not httpx: httpcore's pool rescans every connection for every queued request, which
-    cost milliseconds of CPU per request at a few hundred in flight (encode/httpx#3215). In
-    benchmarks/rollout.py at 256 in flight the client alone reached 0.26 of the ideal rate with
-    httpx and 0.97 with aiohttp (the whole runner: 0.25 -> 0.88)."""
-
-    def __init__(self, cfg: ActorConfig, max_connections: int = 64):
-        self.model = cfg.model
-        self.base_url = cfg.base_url.rstrip("/")
-        self.tokenizer = None  # text in, text out: the server tokenizes
-        self._headers = {"Authorization": f"Bearer {os.environ.get(cfg.api_key_env, 'EMPTY')}"}
-        self._limit, self._timeout = max_connections, cfg.request_timeout_s
-        self._session = None  # created on first use, inside the event loop that uses it
-
-    async def generate_text(self, prompt: str, max_new_tokens: int, temperature: float, seed: int = 0) -> str:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._limit),
-                                                  timeout=aiohttp.ClientTimeout(total=self._timeout),
-                                                  headers=self._headers)
-        body = dict(model=self.model, prompt=str(prompt), max_tokens=max_new_tokens,
-                    temperature=temperature, stop=["\n"], seed=seed)
-        try:
-            async with self._session.post(f"{self.base_url}/completions", json=body) as resp:
-                resp.raise_for_status()
-                return (await resp.json())["choices"][0]["text"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, ValueError) as err:
-            raise BackendError(f"actor endpoint {self.base_url} failed: {type(err).__name__}: {err}") from err
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

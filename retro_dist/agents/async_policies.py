@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from retro_dist.agents import prompts
 from retro_dist.agents.async_backends import AsyncOpenAIClient, AsyncVLLMEngine, HFBatcher
-from retro_dist.agents.backends import Adapter, Generation, HFBackend
+from retro_dist.agents.backends import Adapter, EngineDead, Generation, HFBackend
 from retro_dist.agents.policies import ActorRole, prompt_ids
 from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
 
@@ -73,8 +73,12 @@ class AsyncReflectorPolicy:
                                            seed=seed)
 
     async def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        """Per-token log-probs under the newest adapter (the weight-sync probe)."""
-        return await self.backend.score(prompt_ids, completion_ids, use_adapter=True)
+        """Per-token log-probs under the newest adapter (the weight-sync probe). Not an episode's
+        request: if the engine died under it, it is asked again of the rebuilt engine."""
+        try:
+            return await self.backend.score(prompt_ids, completion_ids, use_adapter=True)
+        except EngineDead:
+            return await self.backend.score(prompt_ids, completion_ids, use_adapter=True)
 
     async def close(self) -> None:
         await self.backend.close()

@@ -11,17 +11,34 @@ import json
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence, Union
 
-from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
+from retro_dist.config import ReflectorConfig, VLLMConfig
 
 
 class BackendError(RuntimeError):
-    """A backend could not serve a request (endpoint down, engine failed)."""
+    """A backend could not serve a request (endpoint down, engine failed): the request's episode errors."""
+
+
+class EngineDead(BackendError):
+    """The engine process died under these requests; the backend has rebuilt it, the requests are lost."""
+
+
+class EngineRebuildFailed(RuntimeError):
+    """A dead engine could not be rebuilt, or the rebuilt one does not reproduce the loaded adapter's
+    probe: the worker's error, not an episode's (the worker stops and the driver replaces it)."""
+
+
+def __getattr__(name: str):
+    # The OpenAI client moved to openai_backend.py (which imports this module); a lazy re-export keeps
+    # `from retro_dist.agents.backends import OpenAIBackend, check_endpoint` working without a cycle.
+    if name in ("OpenAIBackend", "check_endpoint"):
+        from retro_dist.agents import openai_backend
+
+        return getattr(openai_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -238,17 +255,66 @@ def engine_kwargs(model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig
 
 
 class VLLMBackend:
-    """A vLLM engine; serves the base model and, per request, the newest LoRA adapter."""
+    """A vLLM engine; serves the base model and, per request, the newest LoRA adapter.
+
+    If the engine's process dies, the call that finds it dead rebuilds the engine (same arguments;
+    the current adapter is served again and its probe checked) and raises `EngineDead`: the requests
+    it carried are lost, later ones go to the new engine. `rebuilds` counts it."""
 
     def __init__(self, model: str, engine: VLLMConfig, lora: Optional[ReflectorConfig], seed: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
-        import torch
-        from vllm import LLM
-
-        self.llm = LLM(**engine_kwargs(model, engine, lora, seed))
+        self._kwargs = engine_kwargs(model, engine, lora, seed)
+        self.llm = self._build()
         self.tokenizer = load_tokenizer(model)
         self._lora_request = None
+        self._adapter: Optional[Adapter] = None  # the adapter being served, for the probe after a rebuild
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="retro_dist_adapters_"))
+        self.rebuilds = 0
+
+    def _build(self):
+        from vllm import LLM
+
+        from retro_dist.agents.engine_health import watch_sync_engine
+
+        llm = LLM(**self._kwargs)
+        watch_sync_engine(llm.llm_engine.engine_core)
+        return llm
+
+    def _run(self, call):
+        """`call(llm)`; if the engine turns out dead: rebuild it, then raise EngineDead."""
+        from retro_dist.agents.engine_health import engine_is_dead
+
+        try:
+            return call(self.llm)
+        except Exception as err:
+            if not engine_is_dead(err, self.llm.llm_engine.engine_core):
+                raise
+            reason = f"{type(err).__name__}: {err}"
+        self.rebuild()
+        raise EngineDead(f"vLLM engine died ({reason}); rebuilt, its requests are lost")
+
+    def rebuild(self) -> None:
+        """A new engine with the same arguments, serving the current adapter (probe-checked)."""
+        from retro_dist.agents.engine_health import check_rebuilt, has_probe
+
+        self._shutdown_engine()
+        try:
+            self.llm = self._build()
+        except Exception as err:
+            raise EngineRebuildFailed(f"vLLM engine rebuild failed: {type(err).__name__}: {err}") from err
+        self.rebuilds += 1
+        if has_probe(self._adapter):  # the adapter's folder is still on disk: the new engine loads it on use
+            probe = self._adapter.extra["probe"]
+            check_rebuilt(self._adapter, self.score(probe["prompt_ids"], probe["completion_ids"]))
+
+    def _shutdown_engine(self) -> None:
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core._retro_closing = True  # tells watch_sync_engine this exit is ours
+            try:
+                core.shutdown()
+            except Exception:  # a dead engine may fail to shut down cleanly; its processes are gone
+                pass
 
     def load_adapter(self, adapter: Adapter) -> None:
         from safetensors.torch import save_file
@@ -262,6 +328,7 @@ class VLLMBackend:
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(adapter.peft_config))
         self._lora_request = LoRARequest(f"reflector-v{adapter.version}", adapter.version + 1, str(path))
+        self._adapter = adapter
         for old in self._adapter_dir.glob("v*"):  # the engine has loaded what it needs; keep the newest only
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
@@ -270,9 +337,7 @@ class VLLMBackend:
         # Stop the engine's processes now, while logging streams are open: left to vLLM's exit-time
         # finalizer, its shutdown messages go to handlers whose streams may already be closed
         # ("--- Logging error ---" at exit).
-        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
+        self._shutdown_engine()
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     def _lora(self, use_adapter: bool):
@@ -287,7 +352,8 @@ class VLLMBackend:
                                  include_stop_str_in_output=True)
                   for s in per_request(seed, len(prompt_ids))]
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
-        outs = self.llm.generate(prompts, params, lora_request=self._lora(use_adapter), use_tqdm=False)
+        lora = self._lora(use_adapter)
+        outs = self._run(lambda llm: llm.generate(prompts, params, lora_request=lora, use_tqdm=False))
         gens = []
         for p, out in zip(prompt_ids, outs):
             c = out.outputs[0]
@@ -300,9 +366,10 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         full = list(prompt_ids) + list(completion_ids)
-        out = self.llm.generate([{"prompt_token_ids": full}],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                lora_request=self._lora(use_adapter), use_tqdm=False)[0]
+        lora = self._lora(use_adapter)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        out = self._run(lambda llm: llm.generate([{"prompt_token_ids": full}], params,
+                                                 lora_request=lora, use_tqdm=False))[0]
         return [out.prompt_logprobs[i][full[i]].logprob for i in range(len(prompt_ids), len(full))]
 
     def score_candidates(self, prompt_ids, candidates) -> list[list[float]]:
@@ -311,7 +378,7 @@ class VLLMBackend:
         # One request per (prompt, candidate). vLLM skips its prefix cache for prompt_logprobs requests,
         # so each recomputes the prompt: the cost grows with the number of valid actions.
         reqs = [{"prompt_token_ids": list(p) + list(c)} for p, cands in zip(prompt_ids, candidates) for c in cands]
-        flat = self.llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        flat = self._run(lambda llm: llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False))
         scores, k = [], 0
         for p, cands in zip(prompt_ids, candidates):
             row = []
@@ -321,47 +388,3 @@ class VLLMBackend:
                 k += 1
             scores.append(row)
         return scores
-
-
-class OpenAIBackend:
-    """A frozen actor behind an OpenAI-compatible `/v1/completions` endpoint (e.g. `vllm serve`)."""
-
-    def __init__(self, cfg: ActorConfig, tokenizer_name: Optional[str] = None):
-        self.base_url = cfg.base_url.rstrip("/")
-        self.model = cfg.model
-        self.timeout = cfg.request_timeout_s
-        self.api_key = os.environ.get(cfg.api_key_env, "EMPTY")
-        self.tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
-
-    def _post(self, route: str, body: dict) -> dict:
-        req = urllib.request.Request(f"{self.base_url}{route}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {self.api_key}"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            raise BackendError(f"actor endpoint {self.base_url} failed: {err}") from err
-
-    def generate_text(self, prompts: Sequence[str], max_new_tokens: int, temperature: float,
-                      seed: Seeds = 0) -> list[str]:
-        if not isinstance(seed, int) and temperature > 0:  # the API takes one seed per request
-            return [self.generate_text([p], max_new_tokens, temperature, s)[0]
-                    for p, s in zip(prompts, per_request(seed, len(prompts)))]
-        body = dict(model=self.model, prompt=[str(p) for p in prompts], max_tokens=max_new_tokens,
-                    temperature=temperature, stop=["\n"], seed=seed if isinstance(seed, int) else 0)
-        choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
-        return [c["text"] for c in choices]
-
-
-def check_endpoint(base_url: str, timeout_s: float = 5.0, api_key: Optional[str] = None) -> list[str]:
-    """GET {base_url}/models (with the API key, as the run's requests send it); returns the served
-    model ids or raises BackendError in one line."""
-    url = f"{base_url.rstrip('/')}/models"
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return [m["id"] for m in json.loads(resp.read()).get("data", [])]
-    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise BackendError(f"actor endpoint {url} is unreachable: {reason}") from None

@@ -8,6 +8,9 @@ learner never waits on one slow actor; here the engine never waits on one slow e
 
 The bookkeeping is the lockstep loop's (`rollout/episode.py`): the same records, keys, seeds
 (`request_seed(job.seed, trial, step)`) and error handling, so the same jobs give the same records.
+A request that fails (the endpoint out of retries, a prompt the engine rejects, an engine that died
+under it: `EngineDead`, the backend rebuilds it) errors its own episode only; a rebuild that fails
+(`EngineRebuildFailed`) stops the runner.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Protocol
 
+from retro_dist.agents.backends import EngineRebuildFailed
 from retro_dist.envs.base import Observation, Task
-from retro_dist.rollout.episode import (REFLECT_STEP, EpisodeOutput, _Episode, finish_trial, remember,
-                                        request_seed)
+from retro_dist.rollout.episode import (REFLECT_STEP, EpisodeOutput, _Episode, finish_trial, reflection_error,
+                                        remember, request_seed)
 
 
 @dataclass
@@ -165,8 +169,10 @@ class ContinuousRunner:
                 try:
                     gen = await self.reflector.reflect(ep.reflection_prompt(self.reflector),
                                                        seed=request_seed(ep.seed, k, REFLECT_STEP))
+                except EngineRebuildFailed:
+                    raise
                 except Exception as err:  # the reflector failed: this episode ends, the others go on
-                    out.errors.append(f"{ep.task.task_id} reflection after trial {k}: {type(err).__name__}: {err}")
+                    out.errors.append(reflection_error(ep, k, err))
                     break
                 remember(ep, gen, gen.version if gen.version is not None else self.reflector.version,
                          self.memory_size)
@@ -185,7 +191,9 @@ class ContinuousRunner:
             try:
                 action = await self.actor.act(ep.actor_prompt(self.actor), seed=request_seed(ep.seed, k, t),
                                               valid_actions=ep.valid_actions())
-            except Exception as err:  # the actor backend failed (timeout, dead engine): this episode errors
+            except EngineRebuildFailed:  # the worker's fault, not the episode's
+                raise
+            except Exception as err:  # the actor backend failed (out of retries, dead engine): this episode errors
                 ep.error = f"{type(err).__name__}: {err}"
                 return
             self._steps += 1

@@ -3,8 +3,11 @@
 For each task: trial k runs the actor with the last M reflections in its prompt; if the trial
 failed and another trial follows, the reflector writes y_k from (τ_k, G_k, earlier reflections);
 trial k+1 then runs with y_k in memory, and y_k's reward is r_k = G_{k+1} − G_k. A task stops
-at its first success (cumulative success, as in Reflexion). An environment that raises marks
-its episode errored (reason kept in the trial record) and the other episodes go on.
+at its first success (cumulative success, as in Reflexion). An environment that raises, or a
+request of the episode's that fails for good (the endpoint out of retries, a prompt the engine
+rejects), marks that episode errored (reason kept in the trial record and `errors`) and the other
+episodes go on. If the engine dies under a batch (`EngineDead`: the backend has rebuilt it), the
+episodes of that batch error and later batches run on the new engine.
 
 Every sampled request gets its own seed, `request_seed(episode_seed, trial, step)`, so an episode's
 actions and reflections depend on its own seed only, never on which episodes share a batch: the
@@ -122,11 +125,14 @@ def _run_trial(live: list[_Episode], actor: ActorPolicy, step_limit: int, trial:
         seeds = [request_seed(ep.seed, trial, t) for ep in acting]
         try:
             actions = actor.act(texts, seed=seeds, valid_actions=[ep.valid_actions() for ep in acting])
-        except BackendError as err:  # e.g. the actor endpoint timed out: these episodes error, others go on
+        except BackendError as err:  # the whole call failed (the engine died): these episodes error
             for ep in acting:
-                ep.error = f"BackendError: {err}"
+                ep.error = f"{type(err).__name__}: {err}"
             break
         for ep, action in zip(acting, actions):
+            if isinstance(action, BackendError):  # this episode's request failed for good: only it errors
+                ep.error = f"{type(action).__name__}: {action}"
+                continue
             obs = _guard(ep, ep.env.step, action)
             if obs is not None:
                 ep.record_step(action, obs)
@@ -173,7 +179,7 @@ def run_episodes(tasks: Sequence[Task], envs: Sequence[TextEnv], ids: EpisodeIds
             finish_trial(ep, out, ids.run_id, ids.worker_id, k, reflector.version if reflector is not None else -1)
         failed = [ep for ep in live if ep.error is None and not ep.solved]
         if k + 1 < trials and failed and reflector is not None:  # None: retries without reflection
-            _reflect(failed, reflector, memory_size, trial=k)
+            _reflect(failed, reflector, memory_size, k, out)
     return out
 
 
@@ -198,9 +204,21 @@ def remember(ep: _Episode, gen: Generation, version: int, memory_size: int) -> N
     ep.memory = (ep.memory + [text])[-memory_size:] if memory_size else []
 
 
-def _reflect(failed: list[_Episode], reflector: ReflectorPolicy, memory_size: int, trial: int) -> None:
+def _reflect(failed: list[_Episode], reflector: ReflectorPolicy, memory_size: int, trial: int,
+             out: EpisodeOutput) -> None:
     texts = [ep.reflection_prompt(reflector) for ep in failed]
     seeds = [request_seed(ep.seed, trial, REFLECT_STEP) for ep in failed]
-    gens = reflector.reflect(texts, seed=seeds, tasks=[ep.task for ep in failed])
+    try:
+        gens = reflector.reflect(texts, seed=seeds, tasks=[ep.task for ep in failed])
+    except BackendError as err:  # the engine died under the batch: all of its episodes end here
+        gens = [err] * len(failed)
     for ep, gen in zip(failed, gens):
+        if isinstance(gen, BackendError):  # as the continuous runner: the episode ends, its trials stand
+            ep.error = f"{type(gen).__name__}: {gen}"
+            out.errors.append(reflection_error(ep, trial, gen))
+            continue
         remember(ep, gen, gen.version if gen.version is not None else reflector.version, memory_size)
+
+
+def reflection_error(ep: _Episode, trial: int, err: BaseException) -> str:
+    return f"{ep.task.task_id} reflection after trial {trial}: {type(err).__name__}: {err}"

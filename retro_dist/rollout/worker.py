@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from retro_dist.agents.policies import build_policies
+from retro_dist.agents.policies import backend_counters, build_policies
 from retro_dist.config import ActorConfig, EnvConfig, ReflectorConfig, RolloutConfig, VLLMConfig
 from retro_dist.core.records import to_batch
 from retro_dist.core.stats import cumulative_success, first_success
@@ -102,6 +102,7 @@ class RolloutWorker:
         stats.update(episodes=r.tasks_per_iteration, success_by_trial=(successes / r.tasks_per_iteration).tolist(),
                      policy_version=self.reflector.version, worker_id=self.spec.worker_id,
                      rollout_seconds=time.time() - t0, sync_seconds=self.sync_seconds)
+        stats.update(backend_counters(self.actor, self.reflector))  # retries, engine_rebuilds: totals so far
         return stats
 
     def _count_errors(self, out) -> None:

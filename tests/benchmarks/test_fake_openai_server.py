@@ -20,7 +20,7 @@ def test_batched_request_answers_every_prompt_after_the_latency():
         dt = time.perf_counter() - t0
     assert texts == ["move north"] * 3
     assert 0.2 <= dt < 0.6
-    assert server.requests == 1 and server.prompts == 3
+    assert server.requests == 3 and server.prompts == 3  # one request per prompt, sent side by side
 
 
 def test_concurrent_requests_overlap_instead_of_queueing():

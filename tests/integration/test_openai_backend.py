@@ -1,13 +1,7 @@
 """The OpenAI-compatible actor backend against a real `vllm serve` on loopback."""
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
+from benchmarks.vllm_server import VLLMServer
 from retro_dist.agents.backends import OpenAIBackend, check_endpoint
 from retro_dist.agents.policies import ActorPolicy
 from retro_dist.config import ActorConfig, load_config
@@ -17,38 +11,10 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    port = _free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    # The API server module rather than `vllm serve`: the CLI looks up the `vllm` distribution's
-    # metadata, which the CPU build (distributed as `vllm-cpu`) does not have.
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1", "--port", str(port),
-                             "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
-                             "--max-model-len", "1024"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}")
-            time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail("vllm serve did not come up in 300 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=60)
+    with VLLMServer(tiny_model, served_name="tiny") as srv:
+        yield srv.url
 
 
 def test_actor_over_http(server):

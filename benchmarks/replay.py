@@ -1,13 +1,18 @@
 """Replay store benchmark: append vs bare pyarrow, the reader at scale vs TorchRL, SIGKILL recovery.
 
     python -m benchmarks.replay --json /tmp/replay.json [--rows 10000000] [--quick] [--dir DIR]
+                                [--sample-only]
 
 Rows are reflection-sized (64 prompt ids, 32 reflection ids, 32 log-probs, ~130 chars of text,
 ~747 B), built column-wise so the generator never dominates the timings. The big store
-(`--rows`, written once) is read by a child process, so its peak RSS (VmHWM, file pages
-included) is the reader's alone; TorchRL's LazyMemmapStorage + RandomSampler holds the same
-rows in another child and samples at the same batch size. TorchRL is a benchmark-only
-dependency: `pip install --no-deps torchrl tensordict pyvers` (no-deps keeps the pinned torch).
+(`--rows`, written once) is sampled by child processes, so its peak RSS (VmHWM, file pages
+included) is the reader's alone. TorchRL's LazyMemmapStorage + RandomSampler is filled with
+rows of the same size by one child and reopened from disk by another, which samples at the
+same batch size. Both sides are measured alike: a fresh process, the storage's files read once
+just before (page cache warm), then `cold` (the first 50 batches), `steady` (the next ITERS)
+and `mapped` (ITERS more after every page of the storage was faulted in). TorchRL is a
+benchmark-only dependency: `pip install --no-deps torchrl tensordict pyvers` (no-deps keeps
+the pinned torch).
 """
 from __future__ import annotations
 
@@ -128,7 +133,6 @@ def _proc_status(field: str) -> float:
 
 
 def _rate(fn, iters: int, batch: int = 256) -> float:
-    fn()  # the first call builds the sampling distribution
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -136,6 +140,36 @@ def _rate(fn, iters: int, batch: int = 256) -> float:
 
 
 CAPPED_RESIDENT_BYTES = 256 << 20
+COLD_BATCHES = 50  # "cold": the first batches a fresh process draws after opening its storage
+
+
+def _touch(u8) -> None:
+    """Read one byte of every page of a mapping (puts every page of it in this process)."""
+    int(u8[::PAGE_BYTES].sum())
+
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def _sampling_phases(sample, iters: int, touch_all) -> dict:
+    """Rates of one side in one fresh process: cold, then steady, then with every page mapped.
+
+    cold: the first COLD_BATCHES batches after open (the page cache holds the files, this
+    process has mapped none of their pages: each row faults its pages in). steady: the next
+    `iters` batches (still faulting: 10M uniform draws touch new pages for a long time).
+    mapped: after touch_all() has faulted in every page of the storage (as a process that
+    wrote the data itself, or has sampled it for hours, has them), `iters` batches.
+    touch_all None: skipped (the capped reader drops its pages on purpose).
+    """
+    res = {"cold_rows_per_s": _rate(sample, COLD_BATCHES),
+           "steady_rows_per_s": _rate(sample, iters)}
+    if touch_all is not None:
+        t0 = time.perf_counter()
+        touch_all()
+        res["touch_all_s"] = time.perf_counter() - t0
+        res["mapped_rows_per_s"] = _rate(sample, iters)
+    res["rss_peak_uniform_gb"] = _proc_status("VmHWM")
+    return res
 
 
 def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dict:
@@ -152,12 +186,17 @@ def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dic
     res = {"store_open_s": time.perf_counter() - t0, "rss_after_open_gb": _proc_status("VmRSS"),
            "rss_peak_open_gb": _proc_status("VmHWM")}
     rng = np.random.default_rng(0)
-    res["uniform_rows_per_s"] = _rate(lambda: store.sample("reflections", 256, rng=rng), iters)
-    res["rss_peak_uniform_gb"] = _proc_status("VmHWM")
+    arena = store._arena
+    touch = None if resident_bytes is not None else (lambda: _touch(arena.u8[:arena.top]))
+    res.update({f"uniform_{k}": v for k, v in _sampling_phases(
+        lambda: store.sample("reflections", 256, rng=rng), iters, touch).items()})
+    res["uniform_rows_per_s"] = res.get("uniform_mapped_rows_per_s",
+                                        res["uniform_steady_rows_per_s"])
     store.cfg = ReplayConfig(**{**cfg.__dict__, "sampler": "prioritised"})
     t1 = time.perf_counter()
     store.sample("reflections", 256, rng=rng)
     res["prioritised_first_sample_s"] = time.perf_counter() - t1
+    # same page state as uniform_rows_per_s (mapped, or capped), so the ratio compares samplers
     res["prioritised_rows_per_s"] = _rate(lambda: store.sample("reflections", 256, rng=rng), iters)
     newest = max(e.max_version for e in store._views["reflections"].entries)
     t2 = time.perf_counter()
@@ -170,19 +209,16 @@ def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dic
     return res
 
 
-def torchrl_child(scratch: str, n_rows: int, iters: int) -> dict:
-    """TorchRL LazyMemmapStorage + RandomSampler holding rows of the same shape and size.
+def _torchrl_chunk(m: int):
+    """65536 rows of the same shape and size as ours, as one TensorDict.
 
     Text and string ids become fixed-width uint8 / int64 columns (TorchRL stores tensors);
-    the row is ~760 B, as ours. Filled in 65536-row chunks of one template.
-    """
+    the row is ~760 B, as ours."""
     import torch
     from tensordict import TensorDict
-    from torchrl.data import LazyMemmapStorage, ReplayBuffer
-    from torchrl.data.replay_buffers.samplers import RandomSampler
 
-    m, g = 65536, torch.Generator().manual_seed(0)
-    chunk = TensorDict({
+    g = torch.Generator().manual_seed(0)
+    return TensorDict({
         "prompt_ids": torch.randint(0, 32000, (m, 64), dtype=torch.int32, generator=g),
         "reflection_ids": torch.randint(0, 32000, (m, 32), dtype=torch.int32, generator=g),
         "behaviour_logprobs": -torch.rand(m, 32, generator=g),
@@ -193,21 +229,71 @@ def torchrl_child(scratch: str, n_rows: int, iters: int) -> dict:
         **{k: torch.rand(m, dtype=torch.float64, generator=g) for k in
            ("return_before", "return_after", "reward", "created_at")},
     }, batch_size=[m])
-    row_bytes = sum(v.element_size() * v[0].numel() for v in chunk.values())
-    rb = ReplayBuffer(storage=LazyMemmapStorage(n_rows, scratch_dir=scratch),
-                      sampler=RandomSampler(), batch_size=256)
+
+
+def torchrl_fill_child(scratch: str, n_rows: int, _iters: int) -> dict:
+    """Writes TorchRL's LazyMemmapStorage to `scratch` (then dumps its metadata), in 65536-row
+    chunks of one template; the sampling side reopens it in another process."""
+    from pathlib import Path
+
+    from torchrl.data import LazyMemmapStorage, ReplayBuffer
+    from torchrl.data.replay_buffers.samplers import RandomSampler
+
+    m = 65536
+    chunk = _torchrl_chunk(m)
+    storage = LazyMemmapStorage(n_rows, scratch_dir=scratch)
+    rb = ReplayBuffer(storage=storage, sampler=RandomSampler(), batch_size=256)
     t0 = time.perf_counter()
     for start in range(0, n_rows, m):
         rb.extend(chunk[: min(m, n_rows - start)])
-    fill_s = time.perf_counter() - t0
-    assert len(rb) == n_rows
-    return {"torchrl_row_bytes": row_bytes, "torchrl_fill_s": fill_s,
-            "torchrl_uniform_rows_per_s": _rate(rb.sample, iters),
-            "torchrl_rss_peak_gb": _proc_status("VmHWM")}
+    storage.dumps(Path(scratch))
+    return {"torchrl_row_bytes": sum(v.element_size() * v[0].numel() for v in chunk.values()),
+            "torchrl_fill_s": time.perf_counter() - t0}
+
+
+def torchrl_child(scratch: str, n_rows: int, iters: int) -> dict:
+    """TorchRL LazyMemmapStorage + RandomSampler, reopened from disk in a fresh process."""
+    from pathlib import Path
+
+    import torch
+    from torchrl.data import LazyMemmapStorage, ReplayBuffer
+    from torchrl.data.replay_buffers.samplers import RandomSampler
+
+    # One thread, as our reader: on this shared 2-core machine torch's two OpenMP threads made
+    # TorchRL's sampling 20x slower whenever another process was busy.
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    storage = LazyMemmapStorage(n_rows, scratch_dir=scratch, existsok=True)
+    storage.loads(Path(scratch))
+    rb = ReplayBuffer(storage=storage, sampler=RandomSampler(), batch_size=256)
+    assert len(rb) == n_rows and storage._storage["prompt_ids"].filename
+    res = {"torchrl_open_s": time.perf_counter() - t0, "torchrl_threads": torch.get_num_threads()}
+    torch.manual_seed(0)
+
+    def touch_all():
+        for t in storage._storage.values():
+            _touch(t.reshape(-1).view(torch.uint8).numpy())
+
+    res.update({f"torchrl_uniform_{k}": v for k, v in
+                _sampling_phases(rb.sample, iters, touch_all).items()})
+    res["torchrl_rss_peak_gb"] = _proc_status("VmHWM")
+    return res
 
 
 def reader_capped_child(root: str, n_rows: int, iters: int) -> dict:
     return reader_child(root, n_rows, iters, CAPPED_RESIDENT_BYTES)
+
+
+def _warm_page_cache(path: str) -> float:
+    """Read every file under `path` once, so both sides start with their files in the page
+    cache (the state right after a run wrote them); returns the seconds it took."""
+    t0 = time.perf_counter()
+    for d, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(d, name), "rb", buffering=0) as f:
+                while f.read(16 << 20):
+                    pass
+    return time.perf_counter() - t0
 
 
 def _child(kind: str, path: str, n_rows: int, iters: int) -> dict:
@@ -353,33 +439,76 @@ def bench_append(workdir: str, n_rows: int, rounds: int) -> dict:
             "append_vs_raw_nofsync_ratio_best": float(raw_w.min() / app.min())}
 
 
-def run(workdir: str, n_rows: int, quick: bool) -> dict:
-    res = {"rows": n_rows}
-    res.update(bench_append(workdir, min(n_rows, 1_000_000), 4 if quick else 6))
-    big, iters = os.path.join(workdir, "big"), 200 if quick else 500
+def bench_sampling(workdir: str, n_rows: int, iters: int) -> dict:
+    """Ours and TorchRL's uniform sampling, each side reopened from disk in a fresh process.
+
+    Before each side's sampling process starts, its files are read once (page cache warm for
+    both, as right after a run wrote them); what differs is only each library's own reader.
+    """
+    res, big, trl = {}, os.path.join(workdir, "big"), os.path.join(workdir, "torchrl")
     res.update(build_store(big, n_rows))
+    res["page_cache_warm_s"] = _warm_page_cache(big)
     capped = _child("reader-capped", big, n_rows, max(iters // 5, 20))
     res.update({f"capped_{k}": v for k, v in capped.items()})
+    _warm_page_cache(big)
     ours = _child("reader", big, n_rows, iters)
     res.update(ours)
-    theirs = _child("torchrl", os.path.join(workdir, "torchrl"), n_rows, iters)
-    shutil.rmtree(os.path.join(workdir, "torchrl"), ignore_errors=True)
+    shutil.rmtree(big, ignore_errors=True)  # both stores on disk at once only briefly
+    res.update(_child("torchrl-fill", trl, n_rows, iters))
+    res["torchrl_page_cache_warm_s"] = _warm_page_cache(trl)
+    theirs = _child("torchrl", trl, n_rows, iters)
+    shutil.rmtree(trl, ignore_errors=True)
     res.update(theirs)
     tag = f"_{n_rows // 1_000_000}m" if n_rows >= 1_000_000 else f"_{n_rows // 1000}k"
     res["capped_resident_bytes"] = CAPPED_RESIDENT_BYTES
+    res["cold_batches"], res["steady_batches"] = COLD_BATCHES, iters
     res[f"rss_peak_gb{tag}"] = capped["rss_peak_gb"]  # with the page budget
     res[f"rss_peak_uncapped_gb{tag}"] = ours["rss_peak_gb"]
-    res[f"uniform_vs_torchrl{tag}"] = ours["uniform_rows_per_s"] / theirs["torchrl_uniform_rows_per_s"]
-    res[f"uniform_capped_vs_torchrl{tag}"] = (capped["uniform_rows_per_s"]
-                                              / theirs["torchrl_uniform_rows_per_s"])
+    for phase in ("cold", "steady", "mapped"):
+        res[f"uniform_{phase}_vs_torchrl{tag}"] = (ours[f"uniform_{phase}_rows_per_s"]
+                                                  / theirs[f"torchrl_uniform_{phase}_rows_per_s"])
+    for phase in ("cold", "steady"):
+        res[f"uniform_capped_{phase}_vs_torchrl{tag}"] = (
+            capped[f"uniform_{phase}_rows_per_s"] / theirs[f"torchrl_uniform_{phase}_rows_per_s"])
+    # the headline: steady state of a fresh process (what a learner that just (re)started and
+    # samples for a while sees); cold and mapped bracket it
+    res[f"uniform_vs_torchrl{tag}"] = res[f"uniform_steady_vs_torchrl{tag}"]
     res[f"prioritised_vs_uniform{tag}"] = ours["prioritised_rows_per_s"] / ours["uniform_rows_per_s"]
-    shutil.rmtree(big, ignore_errors=True)
+    return res
+
+
+def run(workdir: str, n_rows: int, quick: bool, sample_only: bool = False) -> dict:
+    res = {"rows": n_rows}
+    if not sample_only:
+        res.update(bench_append(workdir, min(n_rows, 1_000_000), 4 if quick else 6))
+    iters = 200 if quick else 500
+    res.update(bench_sampling(workdir, n_rows, iters))
+    if sample_only:
+        return res
     naive_rows = 20_000 if quick else 100_000
     res["naive_rows"] = naive_rows
     res.update(bench_naive(make_batches(naive_rows), os.path.join(workdir, "log.jsonl"), iters))
-    res["naive_vs_uniform"] = res["naive_sample_rows_per_s"] / ours["uniform_rows_per_s"]
+    res["naive_vs_uniform"] = res["naive_sample_rows_per_s"] / res["uniform_rows_per_s"]
     res.update(bench_crash(workdir, 20 if quick else 40))
     return res
+
+
+def sampling_table(res: dict) -> str:
+    """The uniform-sampling figures side by side (rows/s, batch 256)."""
+    rows = [("cold: first %d batches after open" % res["cold_batches"], "cold"),
+            ("steady: the next %d batches" % res["steady_batches"], "steady"),
+            ("mapped: every page faulted in first", "mapped")]
+    out = ["| phase (fresh process, files in page cache) | ours | ours, 256 MB page budget "
+           "| TorchRL | ours ÷ TorchRL |", "|---|---|---|---|---|"]
+    for label, phase in rows:
+        ours, theirs = res[f"uniform_{phase}_rows_per_s"], res[f"torchrl_uniform_{phase}_rows_per_s"]
+        capped = res.get(f"capped_uniform_{phase}_rows_per_s")
+        out.append(f"| {label} | {ours:,.0f} | "
+                   f"{'-' if capped is None else f'{capped:,.0f}'} | {theirs:,.0f} | "
+                   f"{ours / theirs:.2f} |")
+    out.append(f"| open | {res['store_open_s']:.2f} s | {res['capped_store_open_s']:.2f} s | "
+               f"{res['torchrl_open_s']:.2f} s | |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -388,14 +517,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=10_000_000, help="rows in the big store")
     ap.add_argument("--quick", action="store_true", help="100k rows, fewer rounds")
     ap.add_argument("--dir", help="scratch directory (default: a temp dir, removed after)")
+    ap.add_argument("--sample-only", action="store_true",
+                    help="only the sampling comparison (no append, naive or crash parts)")
     ap.add_argument("--crash-child", nargs=3, metavar=("ROOT", "WORKER", "N_BATCHES"),
                     help=argparse.SUPPRESS)
-    for kind in ("reader", "reader-capped", "torchrl"):
+    for kind in ("reader", "reader-capped", "torchrl", "torchrl-fill"):
         ap.add_argument(f"--{kind}-child", nargs=3, metavar=("PATH", "ROWS", "ITERS"),
                         help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for kind, fn in (("reader", reader_child), ("reader-capped", reader_capped_child),
-                     ("torchrl", torchrl_child)):
+                     ("torchrl", torchrl_child), ("torchrl-fill", torchrl_fill_child)):
         child = getattr(args, f"{kind.replace('-', '_')}_child")
         if child:
             print(json.dumps(fn(child[0], int(child[1]), int(child[2]))))
@@ -406,12 +537,13 @@ def main(argv=None) -> int:
         return 0
     workdir = args.dir or tempfile.mkdtemp(prefix="replay-bench-")
     try:
-        res = run(workdir, 100_000 if args.quick else args.rows, args.quick)
+        res = run(workdir, 100_000 if args.quick else args.rows, args.quick, args.sample_only)
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
     for k, v in res.items():
-        print(f"{k:28s} {v:,.3f}" if isinstance(v, float) else f"{k:28s} {v:,}")
+        print(f"{k:36s} {v:,.3f}" if isinstance(v, float) else f"{k:36s} {v:,}")
+    print(sampling_table(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -33,11 +33,16 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FIXED = 0x10
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PROT_NONE = 0
 PAGE = mmap.PAGESIZE
+# Readable zero bytes after every slot: a gather may read a fixed-width window starting at any
+# row (gather.py copies each row as one block of the batch's longest row), so a row at the very
+# end of a segment may read up to this far past it without faulting.
+GUARD = 64 << 10
 
 
 def _mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1) -> int:
@@ -87,8 +92,8 @@ class Arena:
                     raise
                 reserve //= 2
         self.size, self.top = reserve, 0
-        raw = (ctypes.c_uint8 * reserve).from_address(self.base)
-        self.u8 = np.frombuffer(raw, dtype=np.uint8)  # views over the whole range: gather.py
+        self._raw = (ctypes.c_uint8 * reserve).from_address(self.base)
+        self.u8 = np.frombuffer(self._raw, dtype=np.uint8)  # views over the whole range: gather.py
         self._views: dict[np.dtype, np.ndarray] = {}
         self.live = 0  # bytes in slots not yet unmapped
 
@@ -98,8 +103,15 @@ class Arena:
             self._views[dtype] = self.u8.view(dtype)
         return self._views[dtype]
 
+    def windows(self, dtype, width: int) -> np.ndarray:
+        """(n, width) overlapping view: row i is the `width` elements from element i on."""
+        dtype = np.dtype(dtype)
+        step = dtype.itemsize
+        return np.ndarray((self.size // step - width + 1, width), dtype, buffer=self._raw,
+                          strides=(step, step))
+
     def _take(self, size: int) -> tuple[int, int]:
-        length = _round_up(max(size, 1))
+        length = _round_up(max(size, 1)) + GUARD
         if self.top + length > self.size:
             raise MemoryError(f"replay arena: {self.size >> 30} GiB of address space used up; "
                               "open a new ReplayStore")
@@ -134,6 +146,10 @@ class Arena:
             # Gathers touch scattered rows: map one page per fault, not the 16 around it
             # (fault-around would make each sampled row cost ~1 MB of resident pages).
             _libc.madvise(self.base + offset, size, mmap.MADV_RANDOM)
+        guard = self.base + offset + length - GUARD
+        if _libc.mprotect(guard, GUARD, mmap.PROT_READ) != 0:  # zero pages, never written
+            err = ctypes.get_errno()
+            raise OSError(err, f"replay arena: mprotect failed: {os.strerror(err)}")
         return Slot(self, offset, length, size)
 
     def release_pages(self) -> None:

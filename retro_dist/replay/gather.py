@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pt
 
-from retro_dist.replay.arena import Arena
+from retro_dist.replay.arena import GUARD, Arena
 
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 _HASH_MIX = np.uint64(0xBF58476D1CE4E5B9)
@@ -113,20 +113,56 @@ class Layout:
             bits = ((arena.u8[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).astype(bool)
             return pa.Array.from_buffers(self.dtype, n, [vbuf, pa.py_buffer(
                 np.packbits(bits, bitorder="little"))], nulls)
-        i32 = arena.view(np.int32)
-        first = self.offsets[b] + r
-        start = i32[first].astype(np.int64)
-        lens = i32[first + 1] - start
+        pair = arena.windows(np.int32, 2)[self.offsets[b] + r]  # (n, 2): each row's offsets
+        start = pair[:, 0].astype(np.int64)
+        lens = pair[:, 1] - start
         out = np.zeros(n + 1, np.int64)
         np.cumsum(lens, out=out[1:])
         total = int(out[-1])
-        inner = np.repeat(start - out[:-1], lens) + np.arange(total, dtype=np.int64)
         obuf = pa.py_buffer(out.astype(np.int32))
         if self.kind == "bytes":
-            data = arena.u8[np.repeat(self.values[b], lens) + inner]
+            data = _copy_ranges(arena, np.uint8, self.values[b] + start, lens, out, total)
             return pa.Array.from_buffers(self.dtype, n, [vbuf, obuf, pa.py_buffer(data)], nulls)
-        child = self.child.gather(arena, np.repeat(b, lens), inner)
-        return pa.Array.from_buffers(self.dtype, n, [vbuf, obuf], nulls, children=[child])
+        child = self.child
+        if child.kind == "fixed" and child.validity is None:
+            # The common list<number> case: one copy per row, no per-element batch ids.
+            vals = _copy_ranges(arena, f"u{child.width}", child.values[b] + start, lens, out,
+                                total)
+            inner = pa.Array.from_buffers(child.dtype, total, [None, pa.py_buffer(vals)], 0)
+        else:
+            inner = child.gather(arena, np.repeat(b, lens), _ranges(start, lens, out, total))
+        return pa.Array.from_buffers(self.dtype, n, [vbuf, obuf], nulls, children=[inner])
+
+
+def _copy_ranges(arena: Arena, dtype, base: np.ndarray, lens: np.ndarray, out: np.ndarray,
+                 total: int) -> np.ndarray:
+    """Elements [base_i, base_i + lens_i) of the arena's `dtype` view, one row after another.
+
+    Rows of similar length are copied as whole blocks of the longest row (one memcpy-like
+    fancy index over an overlapping window view, reading at most GUARD bytes past a row's
+    end), then trimmed; very uneven or very long rows go element by element.
+    """
+    n, width = lens.size, int(lens.max(initial=0))
+    itemsize = np.dtype(dtype).itemsize
+    if n == 0 or width == 0 or width * itemsize > GUARD or n * width > 2 * total + 8 * n:
+        return arena.view(dtype)[_ranges(base, lens, out, total)]
+    rows = arena.windows(dtype, width)[base]
+    if int(lens.min()) == width:
+        return rows.reshape(-1)
+    return rows[_ARANGE[:width] < lens[:, None]]
+
+
+_ARANGE = np.arange(1 << 16, dtype=np.int64)
+
+
+def _ranges(base: np.ndarray, lens: np.ndarray, out: np.ndarray, total: int) -> np.ndarray:
+    """The ranges [base_i, base_i + lens_i) one after another (out: the lens' running sum)."""
+    global _ARANGE
+    if total > _ARANGE.size:
+        _ARANGE = np.arange(max(total, 2 * _ARANGE.size), dtype=np.int64)
+    idx = np.repeat(base - out[:-1], lens)
+    idx += _ARANGE[:total]
+    return idx
 
 
 def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:

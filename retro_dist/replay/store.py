@@ -36,6 +36,7 @@ from retro_dist.core.records import SCHEMAS
 from retro_dist.replay.arena import PAGE, Arena
 from retro_dist.replay.catalog import Catalog, SegmentEntry, StoreLocation, check_segment
 from retro_dist.replay.config import ReplayConfig
+from retro_dist.replay.draw import Cumulative
 from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.ratelimit import RateLimitedError, RateLimiter
 from retro_dist.replay.view import TableView
@@ -266,9 +267,7 @@ class ReplayStore:
         if cdf is None:
             draws, probs = rng.integers(0, m, batch_size), np.full(batch_size, 1.0 / m)
         else:
-            draws = np.searchsorted(cdf, rng.random(batch_size) * cdf[-1], side="right")
-            draws = np.minimum(draws, m - 1)
-            probs = (cdf[draws] - np.where(draws > 0, cdf[draws - 1], 0.0)) / cdf[-1]
+            draws, probs = cdf.draw(rng, batch_size)
         indices = (draws if pool is None else pool[draws]).astype(np.int64)
         self._limiters[table].sample(batch_size)
         self._counts["sample_batches"] += 1
@@ -313,7 +312,7 @@ class ReplayStore:
         return True
 
     def _distribution(self, view: TableView, min_version, tasks, envs, step, priorities):
-        """(pool (M,) int64 or None for all rows, cdf (M,) or None for uniform, M).
+        """(pool (M,) int64 or None for all rows, Cumulative or None for uniform, M).
 
         Cached per (view version, filters, step-if-curriculum) so a learner sampling many
         batches between refreshes pays the O(N) priority pass once. Only the cumulative
@@ -342,7 +341,7 @@ class ReplayStore:
             else:
                 quality = score if priorities is not None else score - score.min()
                 probs = sampling.curriculum_probs(quality, step, self.cfg.curriculum_anneal_steps)
-            cdf = np.cumsum(probs, out=probs)
+            cdf = Cumulative(probs)
             self._arena.release_pages()  # the reward / task pages the scores read
         result = (pool, cdf, m)
         if priorities is None:

@@ -1,0 +1,47 @@
+"""Inverse-CDF draws (replay/draw.py) and the block-copy gather paths (gather._copy_ranges)."""
+import numpy as np
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retro_dist.replay.arena import GUARD, Arena
+from retro_dist.replay.catalog import SegmentEntry
+from retro_dist.replay.draw import BLOCK, Cumulative
+from retro_dist.replay.view import TableView
+
+
+@given(st.lists(st.sampled_from([0.0, 0.0, 1e-9, 0.5, 1.0, 3.0]), min_size=1, max_size=3 * BLOCK + 5),
+       st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_search_equals_searchsorted(weights, seed):
+    weights = np.array(weights)
+    if weights.sum() == 0:
+        weights[-1] = 1.0
+    c = Cumulative(weights.copy())
+    targets = np.random.default_rng(seed).random(200) * c.total
+    targets[:len(c.values)] = c.values[:200]  # exactly on a step: searchsorted's "right" rule
+    targets = targets[targets < c.total]
+    np.testing.assert_array_equal(c.search(targets), np.searchsorted(c.values, targets, "right"))
+
+
+def test_draw_frequencies_and_probabilities():
+    weights = np.array([0.0, 1.0, 0.0, 3.0] * 50)  # zero-weight rows are never drawn
+    rows, probs = Cumulative(weights).draw(np.random.default_rng(0), 40_000)
+    assert set(np.unique(rows)) <= set(np.flatnonzero(weights))
+    np.testing.assert_allclose(probs, weights[rows] / weights.sum())
+    assert abs((weights[rows] == 3.0).mean() - 0.75) < 0.01
+
+
+def test_gather_rows_longer_than_the_guard_and_rows_at_a_segment_end():
+    """Rows too long for one block copy go element by element; rows that end a segment read
+    into its guard, never past it; both give Arrow's own take."""
+    long = GUARD // 4 + 10  # int32 values: one row longer than the guard
+    lists = [list(range(k)) for k in (3, long, 0, 7, 1)]
+    table = pa.table({"key": pa.array([f"k{i}" for i in range(5)]),
+                      "ids": pa.array(lists, pa.list_(pa.int32())),
+                      "s": pa.array(["a" * 5, "", "bb", "c" * 300, "d"])})
+    view = TableView("t", arena=Arena(1 << 32))
+    view.add(SegmentEntry("t", "w-00000000.arrows", "w", 0, 5, 10, 0.0), table)
+    for idx in ([4, 4, 3], [0, 1, 2, 3, 4], [1, 4]):
+        got = view.take(np.array(idx))
+        assert got.equals(table.take(pa.array(idx))), idx

@@ -26,10 +26,14 @@ def _pretrain_actor(args) -> None:
 
     cfg = load_config(args.config, args.set or [])
     output = args.output or cfg.actor.model
-    result = pretrain_actor(cfg.env, args.base, output, args.tasks, args.minutes, force=args.force,
-                            seed=cfg.run.seed)
+    minutes = 6.0 if args.steps is None and args.minutes is None else args.minutes
+    result = pretrain_actor(cfg.env, args.base, output, args.tasks, minutes, force=args.force,
+                            seed=cfg.run.seed, steps=args.steps)
     print(f"actor checkpoint {'already present' if result is None else 'written'}: {output}"
           + ("" if result is None else f" ({result['steps']} steps, action loss {result['final_action_loss']:.3f})"))
+    if result is not None and args.steps is not None and result["stopped_by"] == "minutes":
+        print(f"retro-dist: warning: --minutes {args.minutes} ran out after {result['steps']} of {args.steps} steps; "
+              f"this actor is not the reproducible one", file=sys.stderr)
 
 
 def _eval(args) -> None:
@@ -92,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="models/tiny-lm", help="checkpoint to start from")
     p.add_argument("--output", default=None, help="where to save (default: the config's actor.model)")
     p.add_argument("--tasks", type=int, default=3000, help="train tasks per game")
-    p.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget")
+    p.add_argument("--steps", type=int, default=None,
+                   help="gradient steps (reproducible: same seed and steps give the same weights)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget; with --steps an upper bound (default without --steps: 6)")
     p.add_argument("--force", action="store_true", help="retrain even if the output exists")
     p.set_defaults(func=_pretrain_actor)
     p = sub.add_parser("eval", help="cumulative success by trial on held-out tasks, four arms")

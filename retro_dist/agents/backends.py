@@ -378,7 +378,8 @@ class VLLMBackend:
         # One request per (prompt, candidate). vLLM skips its prefix cache for prompt_logprobs requests,
         # so each recomputes the prompt: the cost grows with the number of valid actions.
         reqs = [{"prompt_token_ids": list(p) + list(c)} for p, cands in zip(prompt_ids, candidates) for c in cands]
-        flat = self._run(lambda llm: llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False))
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        flat = self._run(lambda llm: llm.generate(reqs, params, use_tqdm=False))
         scores, k = [], 0
         for p, cands in zip(prompt_ids, candidates):
             row = []

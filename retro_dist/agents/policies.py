@@ -55,8 +55,8 @@ class ActorPolicy(ActorRole):
                 ids = [prompt_ids(self.tokenizer, prompt_texts[i]) for i in rows]
                 cands = [[self.tokenizer(f" {a}\n", add_special_tokens=False).input_ids for a in valid_actions[i]]
                          for i in rows]
-                scored = per_item(lambda js: self.backend.score_candidates([ids[j] for j in js], [cands[j] for j in js]),
-                                  len(rows))
+                scored = per_item(lambda js: self.backend.score_candidates([ids[j] for j in js],
+                                                                           [cands[j] for j in js]), len(rows))
                 for i, scores in zip(rows, scored):
                     actions[i] = scores if isinstance(scores, BackendError) else \
                         valid_actions[i][max(range(len(scores)), key=scores.__getitem__)]

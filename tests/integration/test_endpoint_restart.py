@@ -10,6 +10,7 @@ no episode of those workers errors, and both produce again once the server is ba
 server's max_model_len in the middle of a batch.
 """
 import asyncio
+import random
 import threading
 import time
 from dataclasses import replace
@@ -19,9 +20,9 @@ import pytest
 from benchmarks.vllm_server import VLLMServer
 from retro_dist.agents.backends import BackendError
 from retro_dist.agents.async_policies import AsyncActorPolicy
-from retro_dist.agents.openai_backend import AsyncOpenAIClient, OpenAIBackend
+from retro_dist.agents.openai_backend import AsyncOpenAIClient, OpenAIBackend, RetryPolicy
 from retro_dist.agents.policies import ActorPolicy
-from retro_dist.config import load_config
+from retro_dist.config import ConfigError, load_config
 from retro_dist.envs.registry import MixedEnv, TaskMix
 from retro_dist.replay.store import ReplayStore
 from retro_dist.rollout.concurrent import ContinuousRunner, EpisodeJob
@@ -170,10 +171,11 @@ def test_requests_retry_through_a_restart_and_only_exhausted_ones_error(tiny_mod
         t_kill = time.monotonic()
         short_out, short_backend, short_done, short_client = impatient_episodes(cfg)
         time.sleep(max(0.0, 3.0 - (time.monotonic() - t_kill)))
-        async_p.poll()
-        assert async_p.polls[-1][1]["retries"] > 0 and sync_p.worker.actor.backend.retries > 0  # retrying now
+        wait_until(lambda: async_p.polls[-1][1]["retries"] > 0 and sync_p.worker.actor.backend.retries > 0, 20,
+                   "both workers retrying", every=async_p.poll)
         server.start()  # same port
         t_back = time.monotonic()
+        down_s = t_back - t_kill
         wait_until(lambda: sync_p.done_after(t_back) and async_p.done_after(t_back), 120,
                    "episodes after the restart", every=async_p.poll)
         sync_p.stop(120)
@@ -208,3 +210,16 @@ def test_requests_retry_through_a_restart_and_only_exhausted_ones_error(tiny_mod
     stored = sum(s["stored"] for s in sync_stats) + sum(p["stored"] for p in polls)
     store = ReplayStore(str(tmp_path / "replay"), cfg.replay)
     assert store.num_rows("trials") + store.num_rows("reflections") == stored > 0
+    print(f"\nendpoint down {down_s:.1f} s; retries: sync {sync_stats[-1]['retries']}, async {polls[-1]['retries']}; "
+          f"episodes after the restart: sync {sync_p.done_after(t_back)}, async {async_polls.done_after(t_back)}; "
+          f"rows stored {stored}")
+
+
+def test_retry_delays_double_up_to_the_cap_with_jitter():
+    policy = RetryPolicy(max_retries=5, base_s=0.5, max_s=3.0, rng=random.Random(0))
+    for n, d in enumerate([0.5, 1.0, 2.0, 3.0, 3.0]):
+        delays = [policy.delay(n) for _ in range(200)]
+        assert d / 2 <= min(delays) and max(delays) <= d and max(delays) - min(delays) > d / 4
+    for bad in (["actor.max_retries=-1"], ["actor.retry_backoff_s=0"], ["actor.retry_backoff_s=40"]):
+        with pytest.raises(ConfigError, match="actor.max_retries|actor.retry_backoff_s"):
+            load_config(None, bad)

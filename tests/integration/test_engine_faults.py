@@ -122,6 +122,8 @@ def test_sync_worker_survives_a_bad_request_and_a_dead_engine(setup):
     errored = {t["episode_id"] for t in mine if t["error"]}
     assert len(errored) == 2 and all("vLLM engine died" in t["error"] for t in mine if t["error"])
     assert len({t["episode_id"] for t in mine}) == 12  # 3 iterations × 4 episodes, each stored
+    print(f"\nsync: iteration with the kill {s1['rollout_seconds']:.1f} s (rebuild included); "
+          f"errors: {s1['errors'][0]}")
 
 
 def test_async_worker_survives_a_bad_request_and_a_dead_engine(setup):
@@ -172,6 +174,8 @@ def test_async_worker_survives_a_bad_request_and_a_dead_engine(setup):
     trials = [t for t in store.read("trials").to_pylist() if t["worker_id"] == 1]
     reflections = [r for r in store.read("reflections").to_pylist() if r["worker_id"] == 1]
     assert len(trials) + len(reflections) == stored > 0
+    print(f"\nasync: {len(errors)} episodes errored, rebuilt in {t_back - t_kill:.1f} s, "
+          f"{done_after(t_back)} episodes after; rows stored {stored}")
 
 
 def test_hf_a_request_that_raises_fails_alone(tiny_model):

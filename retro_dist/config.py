@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class RunConfig:
     name: str = "local"
     """Run name; outputs go to `<output_dir>/<name>/`."""
     output_dir: str = "runs"
-    """Folder that holds one sub-folder per run."""
+    """Folder that holds one sub-folder per run: a path, `file://...`, or `s3://[KEY:SECRET@]bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]` (config, metrics, checkpoints and replay go there; logs stay in a local mirror)."""
     seed: int = 0
     """Seed for task sampling, reflection sampling and LoRA initialisation."""
     iterations: int = 3
@@ -230,8 +231,26 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     @property
+    def run_location(self) -> str:
+        """Where the run's durable outputs go (config.yaml, metrics.jsonl, checkpoints/, replay/):
+        an absolute path, or a pyarrow URI as given (never resolved)."""
+        from retro_dist.replay import location
+
+        out = self.run.output_dir
+        return location.join(out if location.is_uri(out) else os.path.abspath(out), self.run.name)
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
+        """The run's local folder: the run location itself on a local disk (a path or `file://`),
+        else its local mirror (logs, TensorBoard, events, downloaded checkpoints; replay/location.py)."""
+        from retro_dist.replay import location
+
+        return Path(location.local_mirror(self.run_location))
+
+    def outputs_of(self, run_dir) -> str:
+        """Where the durable outputs of the run whose local folder is `run_dir` go: run_location
+        for this config's own run folder (a remote output_dir's mirror included), else run_dir."""
+        return self.run_location if Path(run_dir) == self.run_dir else os.path.abspath(run_dir)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -339,9 +358,36 @@ def _at_least(value, low, key: str) -> None:
         raise ConfigError(f"{key} must be >= {low}, got {value}")
 
 
+OUTPUT_SCHEMES = ("file", "s3", "s3a")
+
+
+def _validate_output_dir(out: str) -> None:
+    """run.output_dir: a path, file:// or s3:// URI (S3 with credentials: never the metadata service)."""
+    from urllib.parse import urlsplit
+
+    if "://" not in out:
+        return
+    parts = urlsplit(out)
+    if parts.scheme not in OUTPUT_SCHEMES:
+        raise ConfigError(f"run.output_dir: scheme {parts.scheme!r} is not supported; use a path, "
+                          f"file:// or s3://")
+    if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise ConfigError(f"run.output_dir: file:// URIs name a local path (file:///abs/path), "
+                          f"got host {parts.netloc!r}")
+    if parts.scheme != "file":
+        if not parts.hostname:
+            raise ConfigError("run.output_dir: an s3:// URI needs a bucket (s3://bucket/prefix)")
+        if not (parts.username and parts.password) and not (
+                os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+            raise ConfigError("run.output_dir: s3:// needs explicit credentials (s3://KEY:SECRET@bucket/... "
+                              "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY); the cloud metadata "
+                              "service is never asked")
+
+
 def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     """Cross-field checks; each conflict names the keys involved. `given`: the keys the user set."""
     _validate_mode(cfg, given)
+    _validate_output_dir(cfg.run.output_dir)
     r, a, lrn = cfg.rollout, cfg.actor, cfg.learner
     for key, value, low in (("run.iterations", cfg.run.iterations, 1), ("rollout.trials", r.trials, 1),
                             ("rollout.tasks_per_iteration", r.tasks_per_iteration, 1),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from retro_dist.config import ConfigError
+from retro_dist.replay import location
 
 NAN = float("nan")
 
@@ -118,9 +119,17 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, total_iterations: int, *, mode: str = "sync",
                  wandb_project: Optional[str] = None, wandb_mode: str = "offline", run_name: Optional[str] = None,
-                 config: Optional[dict] = None, progress_bar: Optional[bool] = None):
+                 config: Optional[dict] = None, progress_bar: Optional[bool] = None,
+                 remote: Optional[str] = None):
+        """remote: where metrics.jsonl lives when the run's outputs are not on a local disk
+        (a pyarrow URI): the local file is the working copy, uploaded whole after every row
+        (object stores cannot append), and fetched first when only the remote one exists."""
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
+        self.remote = remote
+        if remote is not None and not self.path.exists() and location.exists(remote):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(location.read_file(remote))  # a resumed run continues the file
         self.total = total_iterations  # iterations (sync) or learner updates (async)
         self.mode = mode
         self._wandb = None
@@ -155,9 +164,13 @@ class MetricsLogger:
         from retro_dist.config import as_dict
 
         r = cfg.run
+        outputs = cfg.outputs_of(run_dir)
+        remote = None if location.is_local(outputs) else location.join(outputs, "metrics.jsonl")
+        config = as_dict(cfg)
+        config["run"]["output_dir"] = location.redact(r.output_dir)  # no credentials in W&B
         return cls(run_dir, r.updates if r.mode == "async" else r.iterations, mode=r.mode,
                    wandb_project=r.wandb_project, wandb_mode=r.wandb_mode, run_name=r.name,
-                   config=as_dict(cfg), **kwargs)
+                   config=config, remote=remote, **kwargs)
 
     def log(self, step: int, metrics: dict) -> None:
         """One row: `step` is the iteration index (sync) or the interval index (async)."""
@@ -165,6 +178,8 @@ class MetricsLogger:
         row = {key: step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.remote is not None:
+            location.write_file_once(self.remote, self.path.read_bytes())
         scalars = {k: s for k, s in ((k, _scalar(v)) for k, v in metrics.items()) if s is not None}
         if self._tb is not None:
             for k, v in scalars.items():

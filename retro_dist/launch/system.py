@@ -22,6 +22,7 @@ from retro_dist.launch.logs import RunLogs, with_output_redirect
 from retro_dist.launch.netsec import init_local, secret_env_vars
 from retro_dist.launch.resources import check_resources
 from retro_dist.launch.supervisor import EventLog, WorkerSupervisor
+from retro_dist.replay import location
 from retro_dist.rollout.weight_source import LocalWeightSource
 
 
@@ -29,7 +30,7 @@ def worker_specs(cfg: Config, run_dir: Path, count: int):
     from retro_dist.rollout.worker import WorkerSpec
 
     return [WorkerSpec(run_id=cfg.run.name, worker_id=i, num_workers=count,
-                       replay_root=str((run_dir / "replay").resolve()), env=cfg.env, rollout=cfg.rollout,
+                       replay_root=location.join(cfg.outputs_of(run_dir), "replay"), env=cfg.env, rollout=cfg.rollout,
                        actor=cfg.actor, reflector=cfg.reflector, vllm=cfg.vllm, replay=cfg.replay,
                        probe_tolerance=cfg.learner.probe_tolerance, seed=cfg.run.seed)
             for i in range(count)]
@@ -42,8 +43,8 @@ def learner_factory(cfg: Config, run_dir: Path):
     replay = cfg.replay
     if cfg.run.mode == "async":  # the async learner's staleness bound is learner.max_policy_lag
         replay = dataclasses.replace(replay, max_staleness=cfg.learner.max_policy_lag)
-    return functools.partial(Learner, cfg.learner, cfg.reflector, str((run_dir / "replay").resolve()), replay,
-                             str(run_dir.resolve()), cfg.run.seed)
+    return functools.partial(Learner, cfg.learner, cfg.reflector, location.join(cfg.outputs_of(run_dir), "replay"), replay,
+                             cfg.outputs_of(run_dir), cfg.run.seed)
 
 
 def rerun_plans(run_dir: Path, cfg: Config, count: int, only: Optional[int] = None) -> list[RerunPlan]:
@@ -51,7 +52,7 @@ def rerun_plans(run_dir: Path, cfg: Config, count: int, only: Optional[int] = No
     holds (core/recovery.py). `only`: plan for that worker id alone (the others get empty plans)."""
     from retro_dist.replay.store import ReplayStore
 
-    store = ReplayStore(str((run_dir / "replay").resolve()), cfg.replay)
+    store = ReplayStore(location.join(cfg.outputs_of(run_dir), "replay"), cfg.replay)
     if store.num_rows("trials") == 0:
         return [RerunPlan() for _ in range(count)]
     cols = store.read("trials", columns=["worker_id", "episode_id"]).to_pydict()

@@ -8,6 +8,7 @@ episodes, the learner samples and publishes); the driver only starts, watches an
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ from retro_dist.launch.logs import RunLogs
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
 from retro_dist.launch.system import LocalSystem, RaySystem
+from retro_dist.replay import location
 
 
 def with_absolute_model_paths(cfg: Config) -> Config:
@@ -40,19 +42,30 @@ RESUME_KEYS = (("rollout", "num_workers"), ("rollout", "tasks_per_iteration"), (
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.resume:
-        raise ConfigError(f"run folder {run_dir} already exists; set run.resume=true to continue it "
+    """Check and start the run's outputs; returns its local folder (cfg.run_dir).
+
+    config.yaml goes where the durable outputs go (cfg.run_location: a path, file:// or s3://;
+    credentials in the URI are not saved); a remote run keeps logs, TensorBoard and events in
+    its local mirror, named in one line on stderr."""
+    run_dir, where = cfg.run_dir, cfg.run_location
+    shown = location.redact(where)
+    if not location.is_empty(where) and not cfg.run.resume:
+        raise ConfigError(f"run folder {shown} already exists; set run.resume=true to continue it "
                           f"or pick another run.name")
-    saved = run_dir / "config.yaml"
-    if cfg.run.resume and saved.is_file():
-        old, new = yaml.safe_load(saved.read_text()), as_dict(cfg)
+    saved = location.join(where, "config.yaml")
+    if cfg.run.resume and location.exists(saved):
+        old, new = yaml.safe_load(location.read_file(saved)), as_dict(cfg)
         for section, key in RESUME_KEYS:
             if old.get(section, {}).get(key) != new[section][key]:
-                raise ConfigError(f"run.resume: {section}.{key} was {old.get(section, {}).get(key)!r} in {saved}, "
-                                  f"now {new[section][key]!r}; a resumed run must keep it")
+                raise ConfigError(f"run.resume: {section}.{key} was {old.get(section, {}).get(key)!r} in "
+                                  f"{location.redact(saved)}, now {new[section][key]!r}; a resumed run must keep it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    resolved = as_dict(cfg)
+    resolved["run"]["output_dir"] = location.redact(cfg.run.output_dir)
+    location.write_file_once(saved, yaml.safe_dump(resolved, sort_keys=False).encode())
+    if not location.is_local(where):
+        print(f"retro-dist: outputs go to {shown}; logs, TensorBoard and events stay in {run_dir}",
+              file=sys.stderr)
     return run_dir
 
 

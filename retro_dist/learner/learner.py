@@ -32,6 +32,7 @@ from retro_dist.learner.distributed import DistSpec, Group
 from retro_dist.learner.policy import PolicyModel, resolve_device
 from retro_dist.learner.probe import PROBE_COMPLETION, PROBE_PROMPT, probe_gap, probe_tolerance
 from retro_dist.learner.update import BAD_STEP, gradient_step
+from retro_dist.replay import location
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.store import ReplayStore
 
@@ -56,7 +57,8 @@ class Learner:
         self.store = ReplayStore(replay_root, replay_cfg)
         self.baseline = baselines.RunningMeanBaseline(cfg.baseline_decay)
         self.rng = np.random.default_rng(seed)
-        self.run_dir = Path(run_dir)
+        self.run_dir = str(run_dir)  # a path or pyarrow URI (s3://...): checkpoints/ goes under it
+        self.local_dir = Path(location.local_mirror(self.run_dir))  # the publish ledger stays local
         self.version = 0  # policy version of the current weights
         self.steps = 0  # gradient steps taken
         self.bad_steps = 0  # steps skipped for a non-finite loss or gradient (not in `steps`)
@@ -88,14 +90,14 @@ class Learner:
             del self._probes[v]
         tensors = self.policy.lora_state()
         digest = ledger.weights_digest(tensors)
-        ledger.record(self.run_dir, self.version, digest)  # called once per publish
+        ledger.record(self.local_dir, self.version, digest)  # called once per publish
         return Adapter(self.version, tensors, self.policy.peft_config(), extra={"probe": probe, "digest": digest})
 
     def save_checkpoint(self) -> Path:
         """peft adapter + learner state (safetensors + JSON), written atomically; rank 0 only."""
         if not self.group.is_leader:
             raise RuntimeError("only rank 0 of a learner group writes checkpoints")
-        folder = self.run_dir / "checkpoints" / f"{self.version:06d}"
+        folder = location.join(self.run_dir, "checkpoints", f"{self.version:06d}")
         state = {"version": self.version, "steps": self.steps, "baseline": self.baseline.state_dict()}
         files = {}
         if self.value_head is not None:  # the learned baseline: its weights beside the adapter, its shape in JSON
@@ -108,7 +110,7 @@ class Learner:
         In a group, rank 0 loads it and hands the state to the other ranks."""
         if not self.group.is_leader:
             raise RuntimeError("in a learner group only rank 0 restores; the others receive its state")
-        path = checkpoints.newest(self.run_dir / "checkpoints")
+        path = checkpoints.newest(location.join(self.run_dir, "checkpoints"))
         if path is None:
             return None
         if self.value_head is not None and not (path / value_mod.TENSORS).is_file():

@@ -46,6 +46,57 @@ def join(location: str, *parts: str) -> str:
     return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
+def redact(location: str) -> str:
+    """`location` without the credentials a URI may carry (for messages and saved configs)."""
+    if not is_uri(location):
+        return location
+    parts = urlsplit(location)
+    if "@" not in parts.netloc:
+        return location
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def local_path(location: str) -> str:
+    """The filesystem path of a local location (bare path, absolute, or `file://`)."""
+    if not is_local(location):
+        raise ValueError(f"{redact(location)} is not on the local disk")
+    return os.path.abspath(location) if not is_uri(location) else unquote(urlsplit(location).path)
+
+
+def mirror_root() -> str:
+    """Where local copies of remote run folders go: $RETRO_DIST_MIRROR, else
+    $XDG_CACHE_HOME/retro_dist/mirror (default ~/.cache/retro_dist/mirror)."""
+    if os.environ.get("RETRO_DIST_MIRROR"):
+        return os.path.abspath(os.environ["RETRO_DIST_MIRROR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "retro_dist", "mirror")
+
+
+def local_mirror(location: str) -> str:
+    """A local folder standing for `location`: the location itself when it is local, else
+    <mirror_root>/<scheme>/<endpoint>/<bucket>/<path> (no credentials) for what must stay on a
+    local disk (logs, TensorBoard, downloaded checkpoints)."""
+    if is_local(location):
+        return local_path(location)
+    parts = urlsplit(location)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    endpoint = parse_qs(parts.query).get("endpoint_override", ["default"])[-1]
+    return os.path.join(mirror_root(), parts.scheme, endpoint.replace(":", "_").replace("/", "_"),
+                        host, unquote(parts.path).strip("/"))
+
+
+def is_empty(location: str) -> bool:
+    """Whether nothing exists at or under `location` (a missing folder is empty)."""
+    fs, path = open_location(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return False
+    if info.type == pafs.FileType.NotFound:  # object stores: no object under the prefix
+        return True
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return not found
+
+
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a bare path, `file://` or `s3://` URI.
 
@@ -133,4 +184,5 @@ def exists(location: str) -> bool:
 
 
 __all__ = ["is_uri", "is_local", "join", "open_location", "write_once", "write_file_once",
-           "read_file", "exists", "fsync_path"]
+           "read_file", "exists", "fsync_path", "redact", "local_path", "local_mirror",
+           "mirror_root", "is_empty"]

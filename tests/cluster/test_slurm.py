@@ -68,3 +68,43 @@ def test_sbatch_script_runs_training_on_slurm(slurm_env, tmp_path, tiny_model):
     head = RayHead.__new__(RayHead)
     head.temp_dir = temp
     assert not head.pids(), "the job's Ray processes outlived it"
+
+
+def test_requeued_job_resumes_its_run(slurm_env, tmp_path, tiny_model):
+    """Preemption: `scontrol requeue` kills the running job and queues it again; the script sees
+    SLURM_RESTART_COUNT > 0, passes --resume, and the run finishes from its newest checkpoint."""
+    import time
+
+    env, _ = slurm_env
+    port, temp = free_port(), tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    env = {**env, "RAY_PORT": str(port), "RAY_TEMP_DIR": temp}
+    run_dir = tmp_path / "runs" / "slurm"
+    cmd = ["sbatch", "--parsable", "--requeue", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job-%j.out",
+           "--open-mode=append", str(SCRIPT / "retro-dist.sbatch"), "configs/test.yaml",
+           "--set", f"run.output_dir={tmp_path}/runs", "--set", "run.name=slurm", "--set", "rollout.num_workers=1",
+           "--set", "run.iterations=4",
+           "--set", f"actor.model={tiny_model}", "--set", f"reflector.model={tiny_model}"]
+    job_id = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                            check=True).stdout.strip().split(";")[0]
+    ckpts = run_dir / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.is_dir() and any((p / "learner_state.json").is_file() for p in ckpts.iterdir())):
+        assert time.time() < deadline, "no checkpoint before the requeue"
+        time.sleep(1)
+    subprocess.run(["scontrol", "requeue", job_id], env=env, check=True, timeout=60)
+    while True:  # the requeued job runs again and ends
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+        if not state:
+            break
+        assert time.time() < deadline + 300, f"job {job_id} still {state}"
+        time.sleep(2)
+    out = next(tmp_path.glob("job-*.out")).read_text()
+    print(f"--- sbatch {job_id} output (both starts) ---\n{out}")
+    assert out.count("Ray head on localhost") == 2 and "run finished:" in out
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["iteration"] == 3 and rows[-1]["learner/version"] == 4
+    assert sorted(p.name for p in ckpts.iterdir())[-1] == "000004"
+    head = RayHead.__new__(RayHead)
+    head.temp_dir = temp
+    assert not head.pids(), "the job's Ray processes outlived it"

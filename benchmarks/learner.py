@@ -7,7 +7,9 @@ latter Qwen2.5's), one batch of reflection rows with prompts of ~1-1.5k tokens, 
 side by side in one process, interleaved, on the same LoRA model and the same batch:
 - `ours`: the learner's step (`learner.update.gradient_step`): the transformer body, hidden
   states gathered at the reflection tokens, chunked fp32 log-softmax over the vocabulary for those
-  rows only, the REINFORCE loss, backward, clip, AdamW.
+  rows only, the REINFORCE loss, backward, clip, AdamW; since issue 10 also the logged entropy
+  (chunked, no gradient at entropy_coef 0) and the KL's reference forward (LoRA disabled, no
+  gradient), which the naive variant pays too.
 - `naive`: the same step with today's (pre-issue-9) log-probs: full-vocabulary logits and a
   log-softmax at every prompt position (`PolicyModel.reference_logprobs`).
 - `bare`: the floor any learner step of this model pays: forward + backward of the same LoRA
@@ -120,7 +122,7 @@ def run_vocab(vocab: int, folder: str, variants: tuple, reps: int, out) -> None:
 
     from retro_dist.config import LearnerConfig, ReflectorConfig
     from retro_dist.learner.distributed import Group
-    from retro_dist.learner.policy import PolicyModel
+    from retro_dist.learner.policy import PolicyModel, ReflectionOutputs
     from retro_dist.learner.update import gradient_step
 
     torch.set_num_threads(2)
@@ -128,12 +130,18 @@ def run_vocab(vocab: int, folder: str, variants: tuple, reps: int, out) -> None:
     policy = PolicyModel(ReflectorConfig(model=folder, lora_rank=8), cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW(policy.params, lr=1e-4)
     rows = make_rows(vocab)
-    fast = policy.logprobs
+    fast = policy.forward
+
+    def naive(mb, entropy=False, entropy_grad=False):
+        # full-vocabulary log-probs at every position; the logged entropy and prompt state are not
+        # part of this comparison (both variants pay the KL's reference forward alike)
+        lp = policy.reference_logprobs(mb)
+        return ReflectionOutputs(lp, torch.zeros_like(lp).detach(), lp.new_zeros(lp.shape[0], 1))
 
     def step(variant: str) -> None:
         if variant == "bare":
             return bare_step(policy, optimizer, rows, cfg.max_grad_norm)
-        policy.logprobs = fast if variant == "ours" else policy.reference_logprobs
+        policy.forward = fast if variant == "ours" else naive
         gradient_step(policy, optimizer, cfg, rows, Group(), version=0)
 
     result = {v: {"seconds": []} for v in variants}

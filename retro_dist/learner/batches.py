@@ -8,6 +8,7 @@ computes the same split and takes its own share (`micro_batches[rank::world_size
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -37,6 +38,9 @@ class Rows:
     reward: np.ndarray  # (B,) r_i
     policy_version: np.ndarray  # (B,) version that wrote row i
     fit_value: bool = True  # train the value head (if any) on these rows' rewards (not in the SFT warm start)
+    # B arrays of log π_ref(y_t) (the initial reflector: fixed, so computed once per row and cached
+    # by the learner), None where not computed yet; the list itself None = no cache
+    reference: Optional[list] = None
 
     @classmethod
     def from_table(cls, table, adv: np.ndarray, base: np.ndarray, on_policy: bool) -> "Rows":
@@ -110,3 +114,35 @@ def micro_batch(rows: Rows, idx: list[int], pad_id: int) -> MicroBatch:
     return collate([rows.prompt_ids[i] for i in idx], [rows.reflection_ids[i] for i in idx], pad_id,
                    None if rows.behaviour is None else [rows.behaviour[i] for i in idx],
                    rows.advantages[idx], rows.reward[idx])
+
+
+class ReferenceCache:
+    """Row (a hash of its prompt and reflection tokens) -> log π_ref per reflection token, least
+    recently used dropped past `max_rows`.
+
+    The reference (the reflector with its adapter disabled) never changes, and the same rows come
+    back step after step (the fresh source's batches of one iteration, replay samples), so each
+    row's reference forward is run once instead of once per step."""
+
+    def __init__(self, max_rows: int = 1 << 16):
+        self.max_rows = max_rows
+        self._rows: "OrderedDict[int, np.ndarray]" = OrderedDict()
+
+    def lookup(self, keys: Sequence[int]) -> list:
+        out = []
+        for k in keys:
+            got = self._rows.get(k)
+            if got is not None:
+                self._rows.move_to_end(k)
+            out.append(got)
+        return out
+
+    def store(self, keys: Sequence[int], values: Sequence) -> None:
+        for k, v in zip(keys, values):
+            if v is not None and k not in self._rows:
+                self._rows[k] = np.asarray(v, dtype=np.float32)
+        while len(self._rows) > self.max_rows:
+            self._rows.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._rows)

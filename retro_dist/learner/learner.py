@@ -27,7 +27,7 @@ from retro_dist.config import LearnerConfig, ReflectorConfig
 from retro_dist.core import baselines
 from retro_dist.learner import checkpoints, ledger, sources
 from retro_dist.learner import value as value_mod
-from retro_dist.learner.batches import Rows
+from retro_dist.learner.batches import ReferenceCache, Rows
 from retro_dist.learner.distributed import DistSpec, Group
 from retro_dist.learner.policy import PolicyModel, resolve_device
 from retro_dist.learner.probe import PROBE_COMPLETION, PROBE_PROMPT, probe_gap, probe_tolerance
@@ -57,6 +57,7 @@ class Learner:
         self.store = ReplayStore(replay_root, replay_cfg)
         self.baseline = baselines.RunningMeanBaseline(cfg.baseline_decay)
         self.rng = np.random.default_rng(seed)
+        self.reference_cache = ReferenceCache()  # log π_ref per row (by its tokens): the KL reference is fixed
         self.run_dir = str(run_dir)  # a path or pyarrow URI (s3://...): checkpoints/ goes under it
         self.local_dir = Path(location.local_mirror(self.run_dir))  # the publish ledger stays local
         self.version = 0  # policy version of the current weights
@@ -177,9 +178,14 @@ class Learner:
             adv, base = self.advantages(table)
         rows = Rows.from_table(table, adv, base, on_policy)
         rows.fit_value = self.version >= self.cfg.sft_iterations  # the SFT rows are the positive ones only
+        # by content, not by the row's key: a reference log-prob belongs to these exact tokens
+        keys = [hash((tuple(p), tuple(r))) for p, r in zip(rows.prompt_ids, rows.reflection_ids)]
+        rows.reference = self.reference_cache.lookup(keys)
         if self.group.distributed:
             self.group.broadcast(("step", (rows, self.version)))
-        return self._step(rows, self.version)
+        stats = self._step(rows, self.version)
+        self.reference_cache.store(keys, rows.reference)  # what this step computed, for the rows' next steps
+        return stats
 
     def _step(self, rows: Rows, version: int) -> dict:
         """One gradient step; a non-finite one is skipped and counted, `max_bad_steps` in a row stop

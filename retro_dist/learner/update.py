@@ -46,8 +46,8 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
             loss, st = losses.ppo_clip_loss(logp, beh, mb.advantages, mb.mask, len(rows), cfg.clip_eps)
         else:
             loss, st = losses.reinforce_loss(logp, beh, mb.advantages, mb.mask, len(rows), cfg.is_truncation)
-        reg, kl_sum, ent_sum = losses.regularizer_loss(logp, policy.initial_logprobs(mb), out.entropy, mb.mask,
-                                                       len(rows), cfg.kl_coef, cfg.entropy_coef)
+        reg, kl_sum, ent_sum = losses.regularizer_loss(logp, _reference(policy, rows, idx, mb), out.entropy,
+                                                       mb.mask, len(rows), cfg.kl_coef, cfg.entropy_coef)
         total = loss + reg
         sq_err = 0.0
         if fit_value:  # detached: the value loss trains the head only, never the policy's adapter
@@ -60,6 +60,28 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
                               st.mean_logprob * seqs, seqs, kl_sum, ent_sum, sq_err, seqs if fit_value else 0,
                               float(total.detach())], dtype=torch.float64)
     return sums
+
+
+def _reference(policy: PolicyModel, rows: Rows, idx: list[int], mb) -> torch.Tensor:
+    """log π_ref at the micro-batch's reflection tokens: cached rows from `rows.reference`, the
+    others by one no-grad forward (adapter disabled) over those rows only, written back into
+    `rows.reference` for the learner's cache."""
+    cached = rows.reference
+    missing = [j for j, i in enumerate(idx) if cached is None or cached[i] is None]
+    ref = torch.zeros(mb.mask.shape, dtype=torch.float32)
+    for j, i in enumerate(idx):
+        if j not in missing:
+            ref[j, : len(cached[i])] = torch.as_tensor(cached[i])
+    ref = ref.to(mb.mask.device)
+    if missing:
+        sub = micro_batch(rows, [idx[j] for j in missing], policy.tokenizer.pad_token_id).to(policy.device)
+        fresh = policy.initial_logprobs(sub).float()
+        for k, j in enumerate(missing):
+            n = len(rows.reflection_ids[idx[j]])
+            ref[j, :n] = fresh[k, :n]
+            if cached is not None:
+                cached[idx[j]] = fresh[k, :n].cpu().numpy()
+    return ref
 
 
 def gradient_step(policy: PolicyModel, optimizer: torch.optim.Optimizer, cfg: LearnerConfig, rows: Rows,

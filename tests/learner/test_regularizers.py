@@ -79,3 +79,21 @@ def test_entropy_bonus_raises_entropy_where_the_rewards_say_nothing(tmp_path, ti
     none = [lrn.update(table) for _ in range(3)]
     assert none[-1]["losses/entropy"] == pytest.approx(none[0]["losses/entropy"], abs=1e-6)
     assert none[-1]["losses/grad_norm"] == 0.0
+
+
+def test_reference_log_probs_are_computed_once_per_row_and_match_a_fresh_forward(tmp_path, tiny_model):
+    lrn = _learner(tmp_path, tiny_model, kl_coef=0.5)
+    table = _table(lrn.tokenizer)
+    calls = []
+    real = lrn.policy.initial_logprobs
+    lrn.policy.initial_logprobs = lambda mb: calls.append(mb.mask.shape[0]) or real(mb)
+    stats = [lrn.update(table) for _ in range(4)]
+    assert sum(calls) == table.num_rows and len(lrn.reference_cache) == table.num_rows  # first step only
+    cols = table.to_pydict()
+    mb = collate(cols["prompt_ids"], cols["reflection_ids"], lrn.tokenizer.pad_token_id)
+    fresh = real(mb)  # after 4 steps: the adapter moved, the reference did not
+    cached = lrn.reference_cache.lookup([hash((tuple(p), tuple(r))) for p, r in
+                                         zip(cols["prompt_ids"], cols["reflection_ids"])])
+    for j, row in enumerate(cached):
+        assert torch.allclose(torch.as_tensor(row), fresh[j, : len(row)], atol=1e-6)
+    assert stats[-1]["losses/kl"] > 0

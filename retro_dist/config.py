@@ -61,7 +61,7 @@ class EnvConfig:
     games: list[str] = field(default_factory=lambda: ["twx/coin"])
     """Games to mix, as `<family>/<game>` (families: twx, textworld, hotpotqa, alfworld); each prompt names its game."""
     game_params: str = "numLocations=4,includeDoors=0,numDistractorItems=0"
-    """TextWorldExpress game parameter string, applied to every twx game."""
+    """TextWorldExpress game parameters: one string for every twx game, or per game as `coin: numLocations=4; sorting:` (games accept different properties)."""
     data_path: Optional[str] = None
     """Folder or file of user-provided data for the hotpotqa and alfworld families."""
     textworld_cache: str = "runs/cache/textworld"
@@ -104,6 +104,8 @@ class ActorConfig:
     """Environment variable holding the endpoint's API key (may be unset for local servers)."""
     action_selection: Literal["generate", "score_valid"] = "generate"
     """`generate` free text, or `score_valid`: take the valid action whose tokens score highest (action-logit extraction; generates where no actions are listed)."""
+    action_scoring: Literal["sum", "mean"] = "sum"
+    """With `score_valid`: rank valid actions by the sum of their tokens' log-probs, or by the mean (length-normalised, so long commands are not penalised for their length)."""
     max_new_tokens: int = 8
     """Tokens generated per action."""
     temperature: float = 0.0
@@ -384,6 +386,20 @@ def _validate_output_dir(out: str) -> None:
                               "service is never asked")
 
 
+def _check_game_params(env: EnvConfig) -> None:
+    from retro_dist.envs.twx import parse_game_params
+
+    try:
+        per_game = parse_game_params(env.game_params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    twx = {g.partition("/")[2] for g in env.games if g.startswith("twx/")}
+    for game in per_game or {}:
+        if game not in twx:
+            raise ConfigError(f"env.game_params names '{game}', which is not a twx game in env.games "
+                              f"({', '.join(sorted(twx)) or 'none'})")
+
+
 def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     """Cross-field checks; each conflict names the keys involved. `given`: the keys the user set."""
     _validate_mode(cfg, given)
@@ -448,6 +464,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     _check_name("run.name", cfg.run.name)
     if not cfg.env.games:
         raise ConfigError("env.games must name at least one game")
+    _check_game_params(cfg.env)
     for g in cfg.env.games:
         fam = g.partition("/")[0]
         if fam not in ("twx", "textworld", "hotpotqa", "alfworld") or not g.partition("/")[2]:

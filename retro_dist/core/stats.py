@@ -47,3 +47,43 @@ def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) ->
         return (float(d.mean()) if len(d) else 0.0, -1.0, 1.0)
     half = z * d.std(ddof=1) / math.sqrt(len(d))
     return (float(d.mean()), float(d.mean() - half), float(d.mean() + half))
+
+
+def count_by_game(acc: dict, games: Sequence[str], first: Sequence[Optional[int]], trials: int,
+                  rewards: Sequence[tuple[str, float]] = ()) -> dict:
+    """Accumulate per-game episode counts, solved-by-trial sums and reflection rewards into `acc`
+    (game -> {"episodes", "success_sum" (K,), "reflections", "reward_sum"}): a worker's training
+    metrics broken down by game, mergeable across workers with `merge_by_game`."""
+    for game, f in zip(games, first):
+        g = acc.setdefault(game, {"episodes": 0, "success_sum": [0.0] * trials, "reflections": 0, "reward_sum": 0.0})
+        g["episodes"] += 1
+        g["success_sum"] = (np.asarray(g["success_sum"]) + cumulative_success([f], trials)).tolist()
+    for game, r in rewards:
+        g = acc.setdefault(game, {"episodes": 0, "success_sum": [0.0] * trials, "reflections": 0, "reward_sum": 0.0})
+        g["reflections"] += 1
+        g["reward_sum"] += float(r)
+    return acc
+
+
+def merge_by_game(parts: Sequence[dict], trials: int) -> dict:
+    """Metrics `rollout/game/<game>/success@trial<k>` and `.../reflection_reward` over workers'
+    `count_by_game` dicts; empty for a one-game run (the overall metrics say it all)."""
+    total: dict = {}
+    for part in parts:
+        for game, g in (part or {}).items():
+            t = total.setdefault(game, {"episodes": 0, "success_sum": np.zeros(trials), "reflections": 0,
+                                        "reward_sum": 0.0})
+            t["episodes"] += g["episodes"]
+            t["success_sum"] = t["success_sum"] + np.asarray(g["success_sum"])
+            t["reflections"] += g["reflections"]
+            t["reward_sum"] += g["reward_sum"]
+    if len(total) < 2:
+        return {}
+    out = {}
+    for game, t in sorted(total.items()):
+        if t["episodes"]:
+            out.update({f"rollout/game/{game}/success@trial{k}": float(v / t["episodes"])
+                        for k, v in enumerate(t["success_sum"])})
+        if t["reflections"]:
+            out[f"rollout/game/{game}/reflection_reward"] = t["reward_sum"] / t["reflections"]
+    return out

@@ -30,6 +30,27 @@ def _add_jvm_options(module) -> None:
     module.launch_gateway = launch_with_options
 
 
+def params_for(game_params: str, game: str) -> str:
+    """The TextWorldExpress parameter string for `game` from `env.game_params`: a plain string applies
+    to every game; `coin: numLocations=4,includeDoors=0; sorting:` gives each game its own (a game
+    not named gets the game's defaults). Games differ in the properties they accept."""
+    per_game = parse_game_params(game_params)
+    return game_params if per_game is None else per_game.get(game, "")
+
+
+def parse_game_params(game_params: str) -> Optional[dict[str, str]]:
+    """{game: params} for the per-game form, None for a plain string."""
+    if ":" not in game_params:
+        return None
+    out = {}
+    for part in filter(None, (p.strip() for p in game_params.split(";"))):
+        game, sep, params = part.partition(":")
+        if not sep or not game.strip():
+            raise ValueError(f"env.game_params: {part!r} is not `game: key=value,...`")
+        out[game.strip()] = params.strip().replace(" ", "")
+    return out
+
+
 class TwxEnv:
     """One TextWorldExpress simulator (one JVM), reset to any game/seed of the configured params."""
 
@@ -47,7 +68,7 @@ class TwxEnv:
         game = task.env_name.split("/", 1)[1]
         try:
             if game != self._game:
-                self._env.load(game, self._params)
+                self._env.load(game, params_for(self._params, game))
                 self._game = game
             obs, infos = self._env.reset(seed=task.seed, gameFold=task.split, generateGoldPath=False)
         except Exception as err:  # py4j surfaces Java exceptions as generic errors
@@ -73,7 +94,7 @@ class TwxEnv:
         )
 
     def seeds(self, game: str, split: str) -> list[int]:
-        self._env.load(game, self._params)
+        self._env.load(game, params_for(self._params, game))
         self._game = game
         getter = {"train": self._env.getValidSeedsTrain, "dev": self._env.getValidSeedsDev,
                   "test": self._env.getValidSeedsTest}[split]
@@ -81,7 +102,7 @@ class TwxEnv:
 
     def gold_path(self, task: Task) -> list[str]:
         game = task.env_name.split("/", 1)[1]
-        self._env.load(game, self._params)
+        self._env.load(game, params_for(self._params, game))
         self._game = game
         self._env.reset(seed=task.seed, gameFold=task.split, generateGoldPath=True)
         return [a for a in self._env.getGoldActionSequence() if a not in ("look around", "task")]

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from retro_dist.config import Config, ConfigError, as_dict
+from retro_dist.core.stats import merge_by_game
 from retro_dist.launch.logs import RunLogs
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
@@ -83,6 +84,7 @@ def summarize_rollouts(results: list[dict], trials: int) -> dict:
         "time/sync_seconds": float(sum(r["sync_seconds"] for r in results)),
         "sync/probe_gap_max": max((s["sync/probe_gap"] for r in results for s in r["syncs"]), default=0.0),
     })
+    out.update(merge_by_game([r.get("by_game") for r in results], trials))  # several games: each one's
     return out
 
 
@@ -182,6 +184,7 @@ def summarize_async(learner: dict, workers: list[dict], trials: int) -> dict:
         "time/sync_seconds": float(sum(s["sync/seconds"] for s in syncs)),
         "sync/probe_gap_max": max((s["sync/probe_gap"] for s in syncs), default=0.0),
     })
+    out.update(merge_by_game([w.get("by_game") for w in workers], trials))
     return out
 
 

@@ -26,7 +26,7 @@ from retro_dist.agents.policies import backend_counters
 from retro_dist.core import staleness
 from retro_dist.core.recovery import RerunPlan
 from retro_dist.core.records import to_batch
-from retro_dist.core.stats import cumulative_success, first_success
+from retro_dist.core.stats import count_by_game, cumulative_success, first_success
 from retro_dist.envs.registry import TaskMix
 from retro_dist.replay.writer import ReplayWriter
 from retro_dist.rollout.weight_source import WeightSource
@@ -49,6 +49,7 @@ class _Counters:
     versions: set = field(default_factory=set)  # reflector versions of the reflections written
     syncs: list = field(default_factory=list)
     paused_seconds: float = 0.0
+    by_game: dict = field(default_factory=dict)  # core.stats.count_by_game
 
 
 class StreamingWorker:
@@ -104,7 +105,7 @@ class StreamingWorker:
         return {"worker_id": self.spec.worker_id, "episodes": c.episodes, "trials": c.trials,
                 "reflections": c.reflections, "reward_sum": c.reward_sum, "stored": c.stored,
                 "success_sum": None if c.success_sum is None else c.success_sum.tolist(),
-                "errors": c.errors, "versions": sorted(c.versions), "syncs": c.syncs,
+                "errors": c.errors, "versions": sorted(c.versions), "syncs": c.syncs, "by_game": c.by_game,
                 "version": self.version, "paused_seconds": c.paused_seconds, "wall_seconds": wall,
                 "busy_fraction": staleness.busy_fraction(busy, wall), "runner": runner,
                 "committed_rows": self._writer.committed_rows if self._writer is not None else 0,
@@ -168,6 +169,8 @@ class StreamingWorker:
             c.errors.extend(out.errors)
             succ = cumulative_success([first.get(job.episode_id)], trials)
             c.success_sum = succ if c.success_sum is None else c.success_sum + succ
+            count_by_game(c.by_game, [job.task.env_name], [first.get(job.episode_id)], trials,
+                          [(x.env_name, x.reward) for x in out.reflections])
         self._count_errors(out.errors)
 
     def _count_errors(self, errors: list) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from retro_dist.agents.policies import backend_counters, build_policies
 from retro_dist.config import ActorConfig, EnvConfig, ReflectorConfig, RolloutConfig, VLLMConfig
 from retro_dist.core.records import to_batch
-from retro_dist.core.stats import cumulative_success, first_success
+from retro_dist.core.stats import count_by_game, cumulative_success, first_success
 from retro_dist.envs.registry import MixedEnv, TaskMix
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.writer import ReplayWriter
@@ -76,7 +76,8 @@ class RolloutWorker:
         """Run `tasks_per_iteration` multi-trial episodes, stream records to replay, seal."""
         r, e = self.spec.rollout, self.spec.env
         t0, self.sync_seconds = time.time(), 0.0
-        stats = {"trials": 0, "reflections": 0, "reward_sum": 0.0, "stored": 0, "errors": [], "syncs": []}
+        stats = {"trials": 0, "reflections": 0, "reward_sum": 0.0, "stored": 0, "errors": [], "syncs": [],
+                 "by_game": {}}
         # (K,) episodes solved at or before each trial
         successes = np.zeros(r.trials)
         base = (iteration * max(1, self.spec.num_workers) + self.spec.worker_id) * r.tasks_per_iteration
@@ -98,6 +99,8 @@ class RolloutWorker:
             self._count_errors(out)
             first = first_success(out.trials)
             successes += n * cumulative_success([first.get(i) for i in ids.episode_ids], r.trials)
+            count_by_game(stats["by_game"], [t.env_name for t in tasks], [first.get(i) for i in ids.episode_ids],
+                          r.trials, [(x.env_name, x.reward) for x in out.reflections])
         self.writer.seal()  # the learner reads sealed segments only
         stats.update(episodes=r.tasks_per_iteration, success_by_trial=(successes / r.tasks_per_iteration).tolist(),
                      policy_version=self.reflector.version, worker_id=self.spec.worker_id,

@@ -17,3 +17,16 @@ def test_paired_difference():
     mean, lo, hi = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
     assert mean == 0.5 and lo < 0.5 < hi
     assert paired_difference([1, 0], [1, 0])[0] == 0.0
+
+
+def test_training_metrics_by_game_merge_across_workers():
+    from retro_dist.core.stats import count_by_game, merge_by_game
+
+    a = count_by_game({}, ["twx/coin", "twx/sorting"], [0, None], 2, rewards=[("twx/coin", 1.0)])
+    b = count_by_game({}, ["twx/coin"], [1], 2, rewards=[("twx/coin", 0.0), ("twx/sorting", -1.0)])
+    m = merge_by_game([a, b], 2)
+    assert m["rollout/game/twx/coin/success@trial0"] == 0.5 and m["rollout/game/twx/coin/success@trial1"] == 1.0
+    assert m["rollout/game/twx/sorting/success@trial1"] == 0.0
+    assert m["rollout/game/twx/coin/reflection_reward"] == 0.5
+    assert m["rollout/game/twx/sorting/reflection_reward"] == -1.0
+    assert merge_by_game([count_by_game({}, ["twx/coin"], [0], 2)], 2) == {}  # one game: nothing extra

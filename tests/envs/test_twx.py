@@ -57,3 +57,19 @@ def test_coin_oracle_plan_solves_and_is_no_longer_than_gold(family, env):
         for action in plan:
             obs = env.step(action)
         assert obs.done and obs.success and obs.score == 1.0, (task, plan)
+
+
+def test_game_params_per_game():
+    import pytest
+
+    from retro_dist.config import ConfigError, load_config
+    from retro_dist.envs.twx import params_for
+
+    assert params_for("numLocations=4", "sorting") == "numLocations=4"  # a plain string: every game
+    spec = "coin: numLocations=4, includeDoors=0; sorting:"
+    assert params_for(spec, "coin") == "numLocations=4,includeDoors=0" and params_for(spec, "sorting") == ""
+    assert params_for(spec, "mapreader") == ""
+    with pytest.raises(ConfigError, match="names 'sorting', which is not a twx game in env.games"):
+        load_config("configs/test.yaml", ["env.game_params='coin: numLocations=4; sorting:'"])
+    with pytest.raises(ConfigError, match="is not `game: key=value"):
+        load_config("configs/test.yaml", ["env.game_params='coin: numLocations=4; :x'"])

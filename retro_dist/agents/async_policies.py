@@ -11,7 +11,7 @@ from typing import Optional, Union
 from retro_dist.agents import prompts
 from retro_dist.agents.async_backends import AsyncOpenAIClient, AsyncVLLMEngine, HFBatcher
 from retro_dist.agents.backends import Adapter, EngineDead, Generation, HFBackend
-from retro_dist.agents.policies import ActorRole, prompt_ids
+from retro_dist.agents.policies import ActorRole, best_action, prompt_ids
 from retro_dist.config import ActorConfig, ReflectorConfig, VLLMConfig
 
 AsyncBackend = Union[AsyncVLLMEngine, HFBatcher]
@@ -31,7 +31,7 @@ class AsyncActorPolicy(ActorRole):
         if self.cfg.action_selection == "score_valid" and valid_actions and self.tokenizer is not None:
             cands = [self.tokenizer(f" {a}\n", add_special_tokens=False).input_ids for a in valid_actions]
             scores = await self.backend.score_candidates(prompt_ids(self.tokenizer, prompt), cands)
-            return valid_actions[max(range(len(scores)), key=scores.__getitem__)]
+            return best_action(valid_actions, scores, cands, self.cfg.action_scoring)
         if isinstance(self.backend, AsyncOpenAIClient):
             text = await self.backend.generate_text(prompt, self.cfg.max_new_tokens, self.cfg.temperature, seed)
         else:

@@ -32,6 +32,14 @@ class ActorRole:
         return self.cfg.max_prompt_tokens if self.tokenizer is not None else None
 
 
+def best_action(actions: Sequence[str], scores: Sequence[float], token_ids: Sequence[list], how: str) -> str:
+    """The valid action the model prefers: highest Σ log-prob of its tokens (`sum`), or highest
+    mean per token (`mean`, length-normalised); the first one listed on a tie."""
+    if how == "mean":
+        scores = [s / max(1, len(t)) for s, t in zip(scores, token_ids)]
+    return actions[max(range(len(scores)), key=scores.__getitem__)]
+
+
 class ActorPolicy(ActorRole):
     """Frozen actor: prompt -> one environment command."""
 
@@ -46,8 +54,8 @@ class ActorPolicy(ActorRole):
             valid_actions: Optional[Sequence[Optional[list[str]]]] = None) -> list[Union[str, BackendError]]:
         """One command per prompt, or the BackendError of its failed request. With `score_valid`,
         prompts whose environment lists valid actions get the highest-scoring one (Σ log-prob of
-        " action\n"); the rest generate. `seed`: one per prompt (batch-independent) or one for the
-        batch. Raises EngineDead if the engine died under the call."""
+        " action\n", or its mean per token: `actor.action_scoring`); the rest generate. `seed`: one
+        per prompt (batch-independent) or one for the batch. Raises EngineDead if the engine died under the call."""
         actions: list = [None] * len(prompt_texts)
         if self.cfg.action_selection == "score_valid" and valid_actions is not None:
             rows = [i for i, v in enumerate(valid_actions) if v]
@@ -57,9 +65,9 @@ class ActorPolicy(ActorRole):
                          for i in rows]
                 scored = per_item(lambda js: self.backend.score_candidates([ids[j] for j in js],
                                                                            [cands[j] for j in js]), len(rows))
-                for i, scores in zip(rows, scored):
+                for i, c, scores in zip(rows, cands, scored):
                     actions[i] = scores if isinstance(scores, BackendError) else \
-                        valid_actions[i][max(range(len(scores)), key=scores.__getitem__)]
+                        best_action(valid_actions[i], scores, c, self.cfg.action_scoring)
         todo = [i for i, a in enumerate(actions) if a is None]
         if todo:
             seeds = seed if isinstance(seed, int) or len(todo) == len(actions) else [seed[i] for i in todo]

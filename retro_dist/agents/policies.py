@@ -55,7 +55,8 @@ class ActorPolicy(ActorRole):
         """One command per prompt, or the BackendError of its failed request. With `score_valid`,
         prompts whose environment lists valid actions get the highest-scoring one (Σ log-prob of
         " action\n", or its mean per token: `actor.action_scoring`); the rest generate. `seed`: one
-        per prompt (batch-independent) or one for the batch. Raises EngineDead if the engine died under the call."""
+        per prompt (batch-independent) or one for the batch. Raises EngineDead if the engine died
+        under the call."""
         actions: list = [None] * len(prompt_texts)
         if self.cfg.action_selection == "score_valid" and valid_actions is not None:
             rows = [i for i, v in enumerate(valid_actions) if v]

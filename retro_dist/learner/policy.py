@@ -97,7 +97,8 @@ class PolicyModel:
         if entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 src = h if entropy_grad else h.detach()
-                ent = _scatter(losses.token_entropy(src, self.head.weight, bias, LOGPROB_CHUNK_ROWS), mb.mask, b_idx, t_idx)
+                e = losses.token_entropy(src, self.head.weight, bias, LOGPROB_CHUNK_ROWS)
+                ent = _scatter(e, mb.mask, b_idx, t_idx)
         state = hidden[torch.arange(hidden.shape[0], device=hidden.device), mb.prompt_end.to(hidden.device)]
         return ReflectionOutputs(_scatter(lp, mb.mask, b_idx, t_idx), ent, state)
 

@@ -33,7 +33,6 @@ def test_best_action_sum_and_mean_on_a_hand_case():
 
 def _reference(model, tok, prompt, how):
     """The model's preference computed directly: one full forward per candidate."""
-    best, best_score, margin = None, None, []
     scores = []
     for a in ACTIONS:
         p = tok(prompt).input_ids

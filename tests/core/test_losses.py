@@ -194,7 +194,8 @@ def test_kl_gradient_pulls_log_probs_toward_the_reference_and_entropy_gradient_r
     logp = torch.tensor([[-3.0, -0.2]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.float64)
-    loss, _, _ = regularizer_loss(logp, ref, torch.zeros(1, 2, dtype=torch.float64), mask, 1, kl_coef=1.0, entropy_coef=0.0)
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    loss, _, _ = regularizer_loss(logp, ref, zero, mask, 1, kl_coef=1.0, entropy_coef=0.0)
     loss.backward()
     # below the reference: descent raises log π (negative gradient); above: lowers it; 1 − e^u exactly
     assert logp.grad[0, 0] < 0 < logp.grad[0, 1]

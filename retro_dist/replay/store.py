@@ -342,7 +342,7 @@ class ReplayStore:
                 quality = score if priorities is not None else score - score.min()
                 probs = sampling.curriculum_probs(quality, step, self.cfg.curriculum_anneal_steps)
             cdf = Cumulative(probs)
-            self._arena.release_pages()  # the reward / task pages the scores read
+            self._budget()  # the reward / task pages the scores read count against the budget
         result = (pool, cdf, m)
         if priorities is None:
             self._cache = {key: result}  # older versions are dead: keep one entry

@@ -112,3 +112,20 @@ def test_refused_outputs(tmp_path, in_repo, tiny_model, s3_endpoint):
     location.write_file_once(location.join(out, "test", "config.yaml"), b"run: {}\n")
     with pytest.raises(ConfigError, match=r"run folder s3://\*\*\*@b.* already exists"):
         train(load_config("configs/test.yaml", _base(out, tiny_model, "run.iterations=1")))
+
+
+def test_s3_async_run(tmp_path, in_repo, tiny_model, s3_endpoint, monkeypatch):
+    """The async loops (streaming worker + learner loop, in-process) on the object store."""
+    monkeypatch.setenv("RETRO_DIST_MIRROR", str(tmp_path / "mirror"))
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    out = f"s3://{KEY}:{SECRET}@{bucket}/runs?endpoint_override={s3_endpoint}&scheme=http"
+    train(load_config("configs/test-async.yaml", [
+        f"run.output_dir={out}", f"actor.model={tiny_model}", f"reflector.model={tiny_model}",
+        "rollout.num_workers=0", "run.updates=4", "run.log_every_s=1"]))
+    where = location.join(out, "test-async")
+    rows = [json.loads(line) for line in _read(location.join(where, "metrics.jsonl")).splitlines()]
+    assert rows and max(r["learner/steps"] for r in rows) == 4
+    newest = checkpoints.newest(location.join(where, "checkpoints"))
+    assert json.loads((newest / checkpoints.STATE_JSON).read_text())["steps"] == 4
+    store = ReplayStore(location.join(where, "replay"), ReplayConfig())
+    assert store.num_rows("reflections") >= 4 and store.metrics()["replay/quarantined"] == 0

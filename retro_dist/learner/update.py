@@ -23,16 +23,20 @@ from retro_dist.learner.value import ValueHead
 BAD_STEP = "learner/bad_step"  # in a skipped step's stats: its loss or gradient norm was NaN/inf
 
 
-N_SUMS = 11  # the per-step sums accumulate_gradients returns (and all-reduces), in this order:
+N_SUMS = 12  # the per-step sums accumulate_gradients returns (and all-reduces), in this order:
 # pg loss, Σ ratio over tokens, clipped tokens, tokens, Σ sequence log-prob, sequences,
-# Σ k3 KL over tokens, Σ entropy over tokens, Σ (V − r)² over rows, value rows, total loss
+# Σ k3 KL over tokens, Σ entropy over tokens, Σ (V − r)² over rows, value rows, total loss,
+# tokens the KL was measured on
+KL_LOG_ROWS = 1  # kl_coef 0: the logged KL is measured on the step's first rows only (a small no-grad
+# forward instead of one over the whole batch, which would cost a third of the step)
 
 
 def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, group: Group,
                          value_head: Optional[ValueHead] = None) -> torch.Tensor:
     """Backward over this rank's micro-batches of the whole loss: policy gradient + KL to the
     initial reflector + entropy bonus (+ the value head's regression); returns the N_SUMS sums
-    (float64). The KL and entropy are computed every step, whatever their weights, for the logs."""
+    (float64). The KL and entropy are logged every step, whatever their weights; with kl_coef 0 the
+    KL is measured on the first KL_LOG_ROWS rows of the step only."""
     plan = plan_micro_batches(rows.lengths(), cfg.micro_batch_size, cfg.micro_batch_tokens)
     sums = torch.zeros(N_SUMS, dtype=torch.float64)
     fit_value = value_head is not None and rows.fit_value
@@ -46,8 +50,10 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
             loss, st = losses.ppo_clip_loss(logp, beh, mb.advantages, mb.mask, len(rows), cfg.clip_eps)
         else:
             loss, st = losses.reinforce_loss(logp, beh, mb.advantages, mb.mask, len(rows), cfg.is_truncation)
-        reg, kl_sum, ent_sum = losses.regularizer_loss(logp, _reference(policy, rows, idx, mb), out.entropy,
-                                                       mb.mask, len(rows), cfg.kl_coef, cfg.entropy_coef)
+        ref, kl_mask = _kl_reference(policy, cfg, rows, idx, mb, logp)
+        reg, _, ent_sum = losses.regularizer_loss(logp, ref, out.entropy, mb.mask, len(rows),
+                                                  cfg.kl_coef, cfg.entropy_coef)
+        kl_sum = float((losses.kl_k3(logp.detach(), ref) * kl_mask).sum())
         total = loss + reg
         sq_err = 0.0
         if fit_value:  # detached: the value loss trains the head only, never the policy's adapter
@@ -58,8 +64,24 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
         tokens, seqs = float(mb.mask.sum()), len(idx)
         sums += torch.tensor([st.loss, st.mean_ratio * tokens, st.clip_fraction * tokens, tokens,
                               st.mean_logprob * seqs, seqs, kl_sum, ent_sum, sq_err, seqs if fit_value else 0,
-                              float(total.detach())], dtype=torch.float64)
+                              float(total.detach()), float(kl_mask.sum())], dtype=torch.float64)
     return sums
+
+
+def _kl_reference(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, idx: list[int], mb,
+                  logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_ref, mask of the tokens the KL is measured on) for a micro-batch. With the penalty on,
+    every row; with it off, only rows among the step's first KL_LOG_ROWS (the others get
+    π_ref = π_θ, i.e. no KL and no gradient)."""
+    if cfg.kl_coef > 0:
+        return _reference(policy, rows, idx, mb), mb.mask.to(logp.dtype)
+    ref = logp.detach().clone()
+    kl_mask = torch.zeros_like(logp)
+    pick = [j for j, i in enumerate(idx) if i < KL_LOG_ROWS]
+    if pick:
+        ref[pick] = _reference(policy, rows, [idx[j] for j in pick], mb).to(ref.dtype)
+        kl_mask[pick] = mb.mask[pick].to(logp.dtype)
+    return ref, kl_mask
 
 
 def _reference(policy: PolicyModel, rows: Rows, idx: list[int], mb) -> torch.Tensor:
@@ -68,7 +90,7 @@ def _reference(policy: PolicyModel, rows: Rows, idx: list[int], mb) -> torch.Ten
     `rows.reference` for the learner's cache."""
     cached = rows.reference
     missing = [j for j, i in enumerate(idx) if cached is None or cached[i] is None]
-    ref = torch.zeros(mb.mask.shape, dtype=torch.float32)
+    ref = torch.zeros((len(idx), mb.mask.shape[1]), dtype=torch.float32)
     for j, i in enumerate(idx):
         if j not in missing:
             ref[j, : len(cached[i])] = torch.as_tensor(cached[i])
@@ -111,13 +133,13 @@ def gradient_step(policy: PolicyModel, optimizer: torch.optim.Optimizer, cfg: Le
 
 
 def _step_metrics(rows: Rows, version: int, sums: list, grad_norm: float, value_head) -> dict:
-    loss, ratio_sum, clipped, tokens, lp_sum, seqs, kl_sum, ent_sum, sq_err, v_rows, total = sums
+    loss, ratio_sum, clipped, tokens, lp_sum, seqs, kl_sum, ent_sum, sq_err, v_rows, total, kl_tokens = sums
     lag = version - rows.policy_version
     out = {"losses/pg": loss, "losses/total": total, "losses/grad_norm": grad_norm,
            "losses/mean_ratio": ratio_sum / max(tokens, 1.0),
            "losses/clip_fraction": clipped / max(tokens, 1.0),
            "losses/logprob": lp_sum / max(seqs, 1.0),
-           "losses/kl": kl_sum / max(tokens, 1.0),  # per reflection token, k3 estimate (nats)
+           "losses/kl": kl_sum / max(kl_tokens, 1.0),  # per reflection token, k3 estimate (nats)
            "losses/entropy": ent_sum / max(tokens, 1.0),  # per reflection token (nats)
            "reward/mean": float(rows.reward.mean()), "reward/baseline": float(np.mean(rows.baseline)),
            "reward/advantage_abs": float(np.abs(rows.advantages).mean()),

@@ -5,7 +5,6 @@ Every S3 filesystem here gets explicit keys from the URI, and AWS_EC2_METADATA_D
 before pyarrow's S3 support starts: the cloud metadata address is never contacted.
 """
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -25,19 +24,6 @@ from retro_dist.replay.store import ReplayStore  # noqa: E402
 
 pytestmark = pytest.mark.component
 KEY, SECRET = "testing", "testing"
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """host:port of a moto S3 server on 127.0.0.1 (skipped when moto is not installed)."""
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    yield f"{host}:{port}"
-    server.stop()
 
 
 def _base(output_dir: str, tiny_model: str, *more: str) -> list[str]:

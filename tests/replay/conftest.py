@@ -3,7 +3,6 @@
 AWS_EC2_METADATA_DISABLED is set before pyarrow's S3 support starts, and every URI carries
 explicit keys, so the AWS SDK never looks for the cloud metadata address.
 """
-import logging
 import os
 import uuid
 
@@ -11,19 +10,6 @@ import pytest
 
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 KEY, SECRET = "testing", "testing"
-logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """host:port of a moto S3 server on 127.0.0.1 (skipped when moto is not installed)."""
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    yield f"{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

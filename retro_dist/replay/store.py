@@ -65,8 +65,8 @@ class ReplayStore:
         self._seen: set[str] = set()  # rel paths already loaded, quarantined or skipped
         self._stamps: dict[str, tuple[int, int]] = {}  # catalog path -> (mtime_ns, size)
         self._cache: dict[tuple, tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = {}
-        self._counts = {"empty_after_filters": 0, "quarantined": 0, "missing_segments": 0, "evicted_segments": 0,
-                        "evicted_rows": 0, "rate_limited": 0, "sample_batches": 0,
+        self._counts = {"empty_after_filters": 0, "catalog_retries": 0, "quarantined": 0, "missing_segments": 0,
+                        "evicted_segments": 0, "evicted_rows": 0, "rate_limited": 0, "sample_batches": 0,
                         "sampled_rows": 0, "blocked_seconds": 0.0, "refresh_seconds": 0.0,
                         "segments_opened": 0, "page_releases": 0}
         self.refresh()
@@ -87,9 +87,15 @@ class ReplayStore:
             stamp = (info.mtime_ns or 0, info.size or 0)
             if self._stamps.get(info.path) == stamp:
                 continue
+            try:
+                with self._loc.fs.open_input_stream(info.path, compression=None) as f:
+                    catalog = Catalog.from_json(f.read())
+            except (ValueError, OSError):
+                # Read while its writer was replacing it (seen on an S3-compatible server under load):
+                # keep what we have and read it again at the next refresh.
+                self._counts["catalog_retries"] += 1
+                continue
             self._stamps[info.path] = stamp
-            with self._loc.fs.open_input_stream(info.path, compression=None) as f:
-                catalog = Catalog.from_json(f.read())
             new += [e for e in catalog.segments if e.rel_path not in self._seen]
         new.sort(key=lambda e: (e.sealed_at, e.writer_id, e.seq))
         for e in new:

@@ -362,3 +362,21 @@ def test_rows_below_version_and_explicit_staleness(tmp_path):
     ranged = store.read(T, min_policy_version=1, max_policy_version=2)
     assert sorted(set(ranged["policy_version"].to_pylist())) == [1, 2]
     assert ranged.num_rows == 20 + 5
+
+
+def test_a_catalog_read_mid_write_is_retried_at_the_next_refresh(tmp_path):
+    """A reader that catches a writer's catalog half-written (an object store under load served a
+    truncated body) keeps what it has and reads the catalog again at the next refresh."""
+    from retro_dist.core.records import to_batch
+    from tests.replay.test_reader import trial
+
+    root = tmp_path / "replay"
+    with ReplayWriter(str(root), "w0", ReplayConfig()) as w:
+        w.append("trials", to_batch([trial(0), trial(1)]))
+    catalog = root / "catalog" / "w0.json"
+    whole = catalog.read_bytes()
+    catalog.write_bytes(whole[: len(whole) // 2])
+    store = ReplayStore(str(root), ReplayConfig())
+    assert store.refresh() == 0 and store.num_rows("trials") == 0  # no crash, nothing half-read
+    catalog.write_bytes(whole)
+    assert store.refresh() == 1 and store.num_rows("trials") == 2

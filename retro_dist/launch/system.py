@@ -201,8 +201,12 @@ class RaySystem:
         cls = self.ray.remote(with_output_redirect(StreamingWorker)).options(**self.worker_opts)
         lag = self.cfg.learner.max_policy_lag
 
-        def spawn(i: int, plan: Optional[RerunPlan] = None):
-            plan = plan or rerun_plans(self.run_dir, self.cfg, self.num_workers, only=i)[i]
+        self.ray.get(self.learner.publish_current.remote())  # workers start on the current version
+        # a resumed run's unfinished episodes, read once for all workers; a replacement reads its own
+        first = dict(enumerate(rerun_plans(self.run_dir, self.cfg, self.num_workers)))
+
+        def spawn(i: int):
+            plan = first.pop(i, None) or rerun_plans(self.run_dir, self.cfg, self.num_workers, only=i)[i]
             if plan.redo:
                 self.events.write("worker_rerun", worker=i, next_group_index=plan.next_n,
                                   episode_ids=[e for _, ids in plan.redo for e in ids])
@@ -210,12 +214,8 @@ class RaySystem:
             self.starting[i] = handle.start.remote()  # builds the engine, loads the current adapter
             return handle
 
-        self.ray.get(self.learner.publish_current.remote())  # workers start on the current version
-        plans = rerun_plans(self.run_dir, self.cfg, self.num_workers)  # a resumed run's unfinished episodes
-        first = iter(plans)
-        self.pool = WorkerSupervisor(self.ray, lambda i: spawn(i, next(first, None)), self.num_workers,
-                                     self.cfg.rollout.max_worker_restarts, self.events)
-        self.pool.spawn = spawn
+        self.pool = WorkerSupervisor(self.ray, spawn, self.num_workers, self.cfg.rollout.max_worker_restarts,
+                                     self.events)
         while self.starting:  # engines built, first adapter loaded, before the learner starts
             self.check_workers(wait_s=2.0)
         self.ray.get(self.learner.start.remote())

@@ -16,9 +16,10 @@ def _write(tmp_path, text):
 
 
 def test_shipped_configs_validate():
-    for name in ("configs/local.yaml", "configs/test.yaml", "configs/test-async.yaml", "configs/cluster-gpu.yaml",
-                 "configs/cluster-gpu-small.yaml", "configs/local-async.yaml", "configs/retro-coin.yaml"):
-        load_config(name)  # raises on any unknown key, wrong type or conflict
+    shipped = sorted(Path("configs").glob("*.yaml"))
+    assert {"local.yaml", "local-vllm.yaml", "retro-coin.yaml", "cluster-gpu.yaml"} <= {p.name for p in shipped}
+    for path in shipped:
+        load_config(str(path))  # raises on any unknown key, wrong type or conflict
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path):

@@ -87,3 +87,44 @@ def merge_by_game(parts: Sequence[dict], trials: int) -> dict:
         if t["reflections"]:
             out[f"rollout/game/{game}/reflection_reward"] = t["reward_sum"] / t["reflections"]
     return out
+
+
+def learning_summary(rows: Sequence[dict], trials: int) -> Optional[dict]:
+    """What a finished run shows about learning, from its metrics.jsonl rows (iterations or async
+    intervals, in order): success by trial in the first and last row that has it, and the
+    reflection reward's trend (mean over the first and the last quarter of the rows, and the
+    least-squares slope per 10 rows). None when no row has rollout metrics."""
+    keys = [f"rollout/success@trial{k}" for k in range(trials)]
+    with_success = [r for r in rows if all(_finite(r.get(k)) for k in keys)]
+    rewards = np.array([r["rollout/reflection_reward"] for r in rows if _finite(r.get("rollout/reflection_reward"))])
+    if not with_success:
+        return None
+    step_key = "iteration" if "iteration" in with_success[0] else "interval"
+    ends = {name: {"step": r.get(step_key), "success_by_trial": [float(r[k]) for k in keys]}
+            for name, r in (("first", with_success[0]), ("last", with_success[-1]))}
+    out = {"step_key": step_key, "rows": len(rows), **ends}
+    if len(rewards) >= 2:
+        q = max(1, len(rewards) // 4)
+        slope = float(np.polyfit(np.arange(len(rewards)), rewards, 1)[0])
+        out["reflection_reward"] = {"first_quarter": float(rewards[:q].mean()), "last_quarter": float(rewards[-q:].mean()),
+                                    "rows_per_quarter": q, "slope_per_10": 10 * slope}
+    return out
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The learning summary as the few lines a run ends with."""
+    lines = ["retro-dist: learning summary (success by trial: share of tasks solved by trial k)"]
+    for name in ("first", "last"):
+        e = s[name]
+        by_trial = "  ".join(f"trial {k + 1} {v:.3f}" for k, v in enumerate(e["success_by_trial"]))
+        lines.append(f"  {name} {s['step_key']} ({e['step']}): {by_trial}")
+    rr = s.get("reflection_reward")
+    if rr:
+        lines.append(f"  reflection reward (next trial's return − this one's): first {rr['rows_per_quarter']} "
+                     f"{s['step_key']}s {rr['first_quarter']:.3f} → last {rr['rows_per_quarter']} "
+                     f"{rr['last_quarter']:.3f} (slope {rr['slope_per_10']:+.3f} per 10)")
+    return lines
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -183,6 +183,7 @@ def aggregate(camp: Campaign) -> dict:
             if "games" in rep and len(set(rep["games"])) > 1:
                 row["by_game"] = {g: dict(zip(("mean", "lo", "hi"), paired_gain(rep, "trained", "initial", g)))
                                   for g in sorted(set(rep["games"]))}
+        row["train"] = training_figures(camp.folder / run.name / "metrics.jsonl")
         rows.append(row)
     gains = [r["gain"]["mean"] for r in rows if "gain" in r]
     closed = [r["gap_closed"] for r in rows if r.get("gap_closed") is not None]
@@ -196,19 +197,41 @@ def aggregate(camp: Campaign) -> dict:
     return summary
 
 
+def training_figures(path: Path) -> dict:
+    """From a run's metrics.jsonl: the RL rows' mean advantage variance (after the SFT warm start),
+    and the reflection reward and KL to the initial reflector over the last quarter of the rows."""
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rl = [r for r in rows if not r.get("learner/sft") and "learner/advantage_var" in r]
+
+    def mean(rs, key):
+        vals = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+        return float(np.mean(vals)) if vals else None
+
+    last = rows[-max(1, len(rows) // 4):]
+    return {"advantage_var": mean(rl, "learner/advantage_var"), "baseline_mse": mean(rl, "learner/baseline_mse"),
+            "reflection_reward_last_quarter": mean(last, "rollout/reflection_reward"),
+            "kl_last_quarter": mean(last, "losses/kl"), "rows": len(rows)}
+
+
 def campaign_markdown(summary: dict, ev: dict) -> str:
     arms = [a for a in ev["arms"]]
     lines = [f"Campaign `{summary['campaign']}`: {summary['finished']}/{summary['planned']} runs evaluated on "
              f"{ev['tasks']} `{ev['split']}` tasks; success by trial {ev['trials']}, final checkpoints "
              f"(no selection); trained − initial paired over tasks, 95% interval.", "",
-             "| run | " + " | ".join(arms) + " | trained − initial | gap to oracle closed |",
-             "|---|" + "---|" * (len(arms) + 2)]
+             "| run | " + " | ".join(arms) + " | trained − initial | gap to oracle closed "
+             "| advantage var (RL steps) | reflection reward, last ¼ |",
+             "|---|" + "---|" * (len(arms) + 4)]
     for r in summary["runs"]:
         g = r.get("gain")
         gain = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g else "-"
         closed = f"{r['gap_closed']:.2f}" if r.get("gap_closed") is not None else "-"
+        t = r.get("train") or {}
+        figs = " | ".join(f"{t[k]:.4f}" if t.get(k) is not None else "-"
+                          for k in ("advantage_var", "reflection_reward_last_quarter"))
         lines.append(f"| {r['run']} | " + " | ".join(f"{r['final'].get(a, float('nan')):.3f}" for a in arms)
-                     + f" | {gain} | {closed} |")
+                     + f" | {gain} | {closed} | {figs} |")
     if summary["gain_mean"] is not None:
         sd = f" ± {summary['gain_sd']:.3f} (sd)" if summary["gain_sd"] is not None else ""
         closed = (f"; gap to oracle closed {summary['gap_closed_mean']:.2f} on average"

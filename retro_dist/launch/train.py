@@ -8,6 +8,7 @@ episodes, the learner samples and publishes); the driver only starts, watches an
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import yaml
 
 from retro_dist.config import Config, ConfigError, as_dict
-from retro_dist.core.stats import merge_by_game
+from retro_dist.core.stats import learning_summary, merge_by_game, summary_lines
 from retro_dist.launch.logs import RunLogs
 from retro_dist.launch.metrics import MetricsLogger
 from retro_dist.launch.preflight import preflight
@@ -104,6 +105,7 @@ def train(cfg: Config, address: Optional[str] = None) -> Path:
             _train_sync(cfg, system, logger)
         else:
             _train_async(cfg, system, logger)
+        write_summary(cfg, run_dir, logger)
     finally:
         if logger is not None:
             logger.close()
@@ -111,6 +113,23 @@ def train(cfg: Config, address: Optional[str] = None) -> Path:
             system.close()
         logs.close()
     return run_dir
+
+
+def write_summary(cfg: Config, run_dir: Path, logger: MetricsLogger) -> Optional[dict]:
+    """The run's learning summary (every row of metrics.jsonl, a resumed run's earlier ones
+    included): printed, and saved as summary.json beside it."""
+    rows = [json.loads(line) for line in logger.path.read_text().splitlines() if line.strip()]
+    summary = learning_summary(rows, cfg.rollout.trials)
+    if summary is None:
+        return None
+    for line in summary_lines(summary):
+        logger.write(line)
+    text = json.dumps(summary, indent=1).encode()
+    outputs = cfg.outputs_of(run_dir)
+    (run_dir / "summary.json").write_bytes(text)
+    if not location.is_local(outputs):
+        location.write_file_once(location.join(outputs, "summary.json"), text)
+    return summary
 
 
 def _train_sync(cfg: Config, system, logger: MetricsLogger) -> None:

@@ -30,3 +30,31 @@ def test_training_metrics_by_game_merge_across_workers():
     assert m["rollout/game/twx/coin/reflection_reward"] == 0.5
     assert m["rollout/game/twx/sorting/reflection_reward"] == -1.0
     assert merge_by_game([count_by_game({}, ["twx/coin"], [0], 2)], 2) == {}  # one game: nothing extra
+
+
+def test_learning_summary_reports_first_and_last_success_and_reward_trend():
+    from retro_dist.core.stats import learning_summary, summary_lines
+
+    rows = [{"iteration": i, "rollout/success@trial0": 0.5, "rollout/success@trial1": 0.5 + 0.01 * i,
+             "rollout/reflection_reward": 0.1 * i} for i in range(8)]
+    rows.insert(3, {"iteration": 99, "learner/steps": 4})  # a row without rollout metrics is skipped
+    s = learning_summary(rows, trials=2)
+    assert s["first"] == {"step": 0, "success_by_trial": [0.5, 0.5]}
+    assert s["last"]["step"] == 7 and s["last"]["success_by_trial"] == pytest.approx([0.5, 0.57])
+    rr = s["reflection_reward"]
+    assert rr["rows_per_quarter"] == 2
+    assert rr["first_quarter"] == pytest.approx(0.05) and rr["last_quarter"] == pytest.approx(0.65)
+    assert rr["slope_per_10"] == pytest.approx(1.0)  # 0.1 per row
+    text = "\n".join(summary_lines(s))
+    assert "first iteration (0): trial 1 0.500  trial 2 0.500" in text
+    assert "0.050 → last 2 0.650 (slope +1.000 per 10)" in text
+
+
+def test_learning_summary_of_a_run_without_rollouts_is_none():
+    from retro_dist.core.stats import learning_summary
+
+    assert learning_summary([{"interval": 0, "learner/steps": 3}], trials=3) is None
+    nan = float("nan")  # an async interval in which no episode finished
+    s = learning_summary([{"interval": 0, "rollout/success@trial0": nan},
+                          {"interval": 1, "rollout/success@trial0": 0.25}], trials=1)
+    assert s["first"]["step"] == 1 and "reflection_reward" not in s

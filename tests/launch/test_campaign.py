@@ -54,3 +54,17 @@ eval: {{tasks: 4, trials: 2, split: test, arms: [initial, trained, oracle]}}
         assert set(rep["first_success"]) == {"initial", "trained", "oracle"}  # per task, per arm
         assert len(rep["first_success"]["trained"]) == rep["tasks"] == 4
     assert (folder / "campaign.png").is_file() and "| seed-1 |" in (folder / "campaign.md").read_text()
+
+
+def test_training_figures_read_the_rl_rows_and_the_last_quarter(tmp_path):
+    from retro_dist.launch.campaign import training_figures
+
+    rows = [{"iteration": i, "learner/sft": int(i < 2), "learner/advantage_var": 9.0 if i < 2 else 0.1 * i,
+             "rollout/reflection_reward": 0.01 * i, "losses/kl": 0.5} for i in range(8)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = training_figures(path)
+    assert figs["advantage_var"] == pytest.approx(0.45)  # iterations 2-7 only: the SFT rows are not RL
+    assert figs["reflection_reward_last_quarter"] == pytest.approx(0.065)  # iterations 6 and 7
+    assert figs["kl_last_quarter"] == pytest.approx(0.5) and figs["rows"] == 8
+    assert training_figures(tmp_path / "missing.jsonl") == {}

@@ -45,6 +45,8 @@ eval: {{tasks: 4, trials: 2, split: test, arms: [initial, trained, oracle]}}
     run_campaign(str(spec), only="seed-0")  # an interrupted campaign: one run done
     done0 = (folder / "seed-0" / "train.done").stat().st_mtime
     assert not (folder / "seed-1").exists() and not (folder / "campaign.json").exists()
+    summary0 = json.loads((folder / "seed-0" / "summary.json").read_text())  # every run ends with one
+    assert summary0["first"]["step"] == 0 and len(summary0["last"]["success_by_trial"]) == 2
     summary = run_campaign(str(spec))
     assert (folder / "seed-0" / "train.done").stat().st_mtime == done0  # not trained again
     assert summary["finished"] == summary["planned"] == 2

@@ -69,6 +69,8 @@ class EnvConfig:
     """Fold the training rollouts draw tasks from (eval uses its own --split)."""
     step_limit: int = 6
     """Actor steps per trial before the trial counts as failed."""
+    step_limits: str = ""
+    """Per-game step limits below `step_limit` for a mix, as `twx/coin: 2; twx/mapreader: 6` (games not named get `step_limit`)."""
     num_tasks: int = 1000
     """Distinct tasks per game in a fold (task numbers cycle through them)."""
     step_timeout_s: Optional[float] = 60.0

@@ -61,6 +61,21 @@ def _check_game_params(env: EnvConfig) -> None:
                               f"({', '.join(sorted(twx)) or 'none'})")
 
 
+def _check_step_limits(env: EnvConfig) -> None:
+    from retro_dist.envs.registry import parse_step_limits
+
+    try:
+        limits = parse_step_limits(env.step_limits)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for game, limit in limits.items():
+        if game not in env.games:
+            raise ConfigError(f"env.step_limits names '{game}', which is not in env.games ({', '.join(env.games)})")
+        if limit > env.step_limit:
+            raise ConfigError(f"env.step_limits: {game}: {limit} exceeds env.step_limit ({env.step_limit}), "
+                              "the steps every trial runs at most")
+
+
 def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     """Cross-field checks; each conflict names the keys involved. `given`: the keys the user set."""
     _validate_mode(cfg, given)
@@ -126,6 +141,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     if not cfg.env.games:
         raise ConfigError("env.games must name at least one game")
     _check_game_params(cfg.env)
+    _check_step_limits(cfg.env)
     for g in cfg.env.games:
         fam = g.partition("/")[0]
         if fam not in ("twx", "textworld", "hotpotqa", "alfworld") or not g.partition("/")[2]:

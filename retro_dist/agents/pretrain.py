@@ -2,11 +2,13 @@
 
 No pretrained LLM is reachable here, so the actor is trained by behaviour cloning on oracle plans
 (shortest action sequences computed from the game, `EnvFamily.oracle_plan`). Two kinds of
-examples, in the exact prompt format the rollouts use:
+examples, in the exact prompt format the rollouts use, for every game in `env.games` (one actor for
+a mix; each prompt names its game):
 - no advice: empty memory, the oracle plan's actions: the actor learns a prior over where to look;
-- advice: a plan for a route through the map (the oracle's, or a random one, so mostly wrong) is
-  the newest reflection in memory, and the actor follows it literally, finishes as soon as the goal
-  is one action away, and continues with the oracle plan once the advice is used up. Because the
+- advice (games whose plans are routes: `coin`, `mapreader`): a plan for a route through the map
+  (the oracle's, or a random one, so mostly wrong; `TwxFamily.plan_for_route`) is the newest
+  reflection in memory, and the actor follows its moves literally, stops following as soon as the
+  goal's action is valid (take the coin), and continues with the oracle plan from there. Because the
   advice is uncorrelated with the answer, only reading it tells the actor where to go: it learns
   to follow advice, not to memorise the 1,000 training maps (which it did when advice was always right).
 Loss: next-token cross-entropy on the whole text, with prompt tokens down-weighted, so the model
@@ -26,7 +28,7 @@ from typing import Optional
 from retro_dist.agents import prompts
 from retro_dist.config import EnvConfig
 from retro_dist.envs.registry import family, split_game
-from retro_dist.envs.twx import reverse_move
+from retro_dist.envs.twx import ROUTE_GAMES, reverse_move
 
 
 def plan_reflection(plan: list[str]) -> str:
@@ -85,8 +87,8 @@ def _follow(env, fam, task, memory: list[str], route: list[str]) -> list[Example
 
     for move in route:
         rest = fam.oracle_plan(task, prefix=[a for a, _ in steps])
-        if rest is not None and len(rest) == 1:
-            break  # the goal is in reach: take it, whatever the plan says next
+        if rest and not rest[0].startswith("move "):
+            break  # the goal is in reach (the coin here): take it, whatever the plan says next
         if move not in (obs.valid_actions or []):
             break
         emit(move)
@@ -95,7 +97,18 @@ def _follow(env, fam, task, memory: list[str], route: list[str]) -> list[Example
     return out
 
 
+def route_of(plan: list[str]) -> list[str]:
+    """The moves a plan starts with (up to its first other action): where it goes."""
+    moves = []
+    for a in plan:
+        if not a.startswith("move "):
+            break
+        moves.append(a)
+    return moves
+
+
 def build_examples(cfg: EnvConfig, n_tasks: int, seed: int = 0, routes_per_task: int = 4) -> list[Example]:
+    """Examples for every game in `cfg.games`, `n_tasks` train tasks each, so one actor serves a mix."""
     rng = random.Random(seed)
     examples: list[Example] = []
     # walks (a route, then the oracle plan) may be longer than a run's step limit: never cut them
@@ -105,19 +118,28 @@ def build_examples(cfg: EnvConfig, n_tasks: int, seed: int = 0, routes_per_task:
         fam = family(fam_name, cfg)
         env = fam.make()
         for task in fam.tasks(game, "train", n_tasks):
-            plan = fam.oracle_plan(task)
-            if not plan:
-                continue
-            examples += _walk(env, task, [], [], plan)  # no advice: a prior over where to look
-            routes = _routes(env, task, depth=2)
-            chosen = [plan[:-1]] + rng.sample(routes, min(routes_per_task - 1, len(routes)))
-            for route in chosen:
-                older = [plan_reflection(r + [plan[-1]]) for r in rng.sample(routes, min(1, len(routes)))]
-                memory = (older if rng.random() < 0.5 else []) + [plan_reflection(route + [plan[-1]])]
-                examples += _follow(env, fam, task, memory, route)
+            examples += _task_examples(env, fam, task, rng, routes_per_task)
         env.close()
     rng.shuffle(examples)
     return examples
+
+
+def _task_examples(env, fam, task, rng: random.Random, routes_per_task: int) -> list[Example]:
+    """No advice: the oracle plan. Advice (games whose plans are routes, `plan_for_route`): a plan
+    for the oracle's route or a random one, followed literally; older plans, half the time, in front."""
+    plan = fam.oracle_plan(task)
+    if not plan:
+        return []
+    out = _walk(env, task, [], [], plan)  # no advice: a prior over where to look
+    if not hasattr(fam, "plan_for_route") or task.env_name not in ROUTE_GAMES:
+        return out
+    routes = _routes(env, task, depth=2)
+    chosen = [route_of(plan)] + rng.sample(routes, min(routes_per_task - 1, len(routes)))
+    for route in chosen:
+        older = [plan_reflection(fam.plan_for_route(task, r)) for r in rng.sample(routes, min(1, len(routes)))]
+        memory = (older if rng.random() < 0.5 else []) + [plan_reflection(fam.plan_for_route(task, route))]
+        out += _follow(env, fam, task, memory, route)
+    return out
 
 
 def train_actor(examples: list[Example], base: str, output: str, minutes: Optional[float],

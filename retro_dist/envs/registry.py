@@ -71,8 +71,23 @@ class TaskMix:
         return out
 
 
+def parse_step_limits(text: str) -> dict[str, int]:
+    """`env.step_limits` (`twx/coin: 2; twx/mapreader: 6`) as {game: limit}; "" gives {}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        game, sep, limit = part.rpartition(":")
+        if not sep or not game.strip() or not limit.strip().isdigit() or int(limit) < 1:
+            raise ValueError(f"env.step_limits: {part!r} is not `<family>/<game>: <steps >= 1>`")
+        out[game.strip()] = int(limit)
+    return out
+
+
 class MixedEnv:
     """One slot of a worker: dispatches each task to its family's simulator (built on first use).
+
+    A game named in `env.step_limits` ends its trial (done, failed unless it just succeeded) after
+    that many steps, here rather than in each runtime's episode loop, which runs `env.step_limit`
+    steps (the largest) for every game of a mix.
 
     With `env.step_timeout_s` set, each reset and step runs on the slot's own thread and may take
     that long (starting a simulator is not timed): a call past it raises EnvTimeout, the hung
@@ -83,18 +98,26 @@ class MixedEnv:
         self._envs: dict[str, TextEnv] = {}
         self._current: Optional[str] = None  # family of the task being played
         self._thread: Optional[CallThread] = None  # runs the timed calls; replaced after a timeout
+        self._limits = parse_step_limits(cfg.step_limits)
+        self._steps_left: Optional[int] = None  # this trial's own limit, when its game has one
 
     def reset(self, task: Task) -> tuple[str, Observation]:
         fam = split_game(task.env_name)[0]
         if fam not in self._envs:
             self._envs[fam] = family(fam, self.cfg).make()
         self._current = fam
+        self._steps_left = self._limits.get(task.env_name)
         return self._guarded(fam, lambda env: env.reset(task))
 
     def step(self, action: str) -> Observation:
         if self._current not in self._envs:
             raise EnvError(f"step {action!r} without a live simulator: its last call failed, reset first")
-        return self._guarded(self._current, lambda env: env.step(action))
+        obs = self._guarded(self._current, lambda env: env.step(action))
+        if self._steps_left is not None:
+            self._steps_left -= 1
+            if self._steps_left <= 0:
+                obs.done = True
+        return obs
 
     def _guarded(self, fam: str, call):
         """A simulator that raised may be dead (a crashed JVM) and one that timed out is hung: drop

@@ -162,13 +162,37 @@ class TwxFamily:
 
     def oracle_plan(self, task: Task, prefix: tuple[str, ...] | list[str] = (),
                     max_depth: int = 5) -> Optional[list[str]]:
-        """Shortest plan from the state after `prefix`. For `coin`, breadth-first search over moves
-        until `take coin` is valid (the game's gold path can wander: ENVIRONMENT.md); other games
-        use the gold path (from the start only)."""
+        """Shortest plan from the state after `prefix`, by breadth-first search over moves (the
+        game's gold path can wander: ENVIRONMENT.md). `coin`: walk until `take coin` is valid.
+        `mapreader`: walk to the coin, take it, and walk back the same way to put it in the box.
+        Other games use the gold path (from the start only)."""
         env = self._env()
-        if task.env_name != "twx/coin":
-            return None if prefix else env.gold_path(task)
-        start = list(prefix)
+        prefix = list(prefix)
+        if task.env_name == "twx/coin":
+            return self._walk_to(env, task, prefix, "take coin", max_depth)
+        if task.env_name == "twx/mapreader":
+            if "take coin" not in prefix:
+                out = self._walk_to(env, task, prefix, "take coin", max_depth)
+                if out is None or not prefix:
+                    # from the start, back the way it came: as short as any way back (the box is in
+                    # the start room), and a plan's second half is then read off its first
+                    return out and self.plan_for_route(task, out[:-1])
+                back = self._walk_to(env, task, prefix + out, MAPREADER_GOAL, 2 * max_depth)
+                return None if back is None else out + back
+            return self._walk_to(env, task, prefix, MAPREADER_GOAL, max_depth)
+        return None if prefix else env.gold_path(task)
+
+    @staticmethod
+    def plan_for_route(task: Task, route: list[str]) -> list[str]:
+        """The plan that walks `route` and then does what the game asks there: how a plan for any
+        route through the map reads (actor pretraining writes such plans as advice)."""
+        if task.env_name == "twx/mapreader":
+            return route + ["take coin"] + [reverse_move(m) for m in reversed(route)] + [MAPREADER_GOAL]
+        return route + ["take coin"]
+
+    @staticmethod
+    def _walk_to(env: TwxEnv, task: Task, start: list[str], goal: str, max_depth: int) -> Optional[list[str]]:
+        """Fewest moves from the state after `start` until `goal` is a valid action, then `goal`."""
         frontier: list[list[str]] = [start]
         for _ in range(max_depth + 1):
             nxt = []
@@ -176,14 +200,17 @@ class TwxFamily:
                 _, obs = env.reset(task)
                 for a in prefix:
                     obs = env.step(a)
-                if "take coin" in (obs.valid_actions or []):
-                    return prefix[len(start):] + ["take coin"]
-                back = reverse_move(prefix[-1]) if prefix else None
+                if goal in (obs.valid_actions or []):
+                    return prefix[len(start):] + [goal]
+                back = reverse_move(prefix[-1]) if len(prefix) > len(start) else None
                 nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
             frontier = nxt
         return None
 
 
+MAPREADER_GOAL = "put coin in box"
+# games whose plans are a route through the map and then the goal (`plan_for_route`)
+ROUTE_GAMES = ("twx/coin", "twx/mapreader")
 _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 

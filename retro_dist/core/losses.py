@@ -88,6 +88,62 @@ class _TokenEntropy(torch.autograd.Function):
         return _head_backward(ctx, hidden, weight, bias, grad_logits) + (None,)
 
 
+class _TargetLogprobEntropy(torch.autograd.Function):
+    """(log softmax(z)[target], H(softmax(z))) for z = h W^T + b, N rows, C rows at a time: one
+    matmul per chunk for both (the reference is _TargetLogprob + _TokenEntropy, two passes).
+
+    Per row, with m = max z and e = exp(z − m), s = Σ e: lse = m + log s and
+    H = lse − Σ p·z = log s − Σ e·(z − m) / s, so one exp over the chunk gives the log-prob, the
+    log-sum-exp and the entropy, and no (C, V) probability block is kept beside the logits. Saved
+    for backward as in _TargetLogprob: the per-row lse and H only; one recomputed matmul per chunk
+    serves both gradients, d/dz = g_lp·(onehot(y) − p) − g_H·p·(log p + H).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        dt = torch.promote_types(hidden.dtype, torch.float32)
+        lp = torch.empty(hidden.shape[0], dtype=dt, device=hidden.device)
+        ent, lse = torch.empty_like(lp), torch.empty_like(lp)
+        for lo in range(0, hidden.shape[0], chunk_rows):
+            sl = slice(lo, lo + chunk_rows)
+            z = _chunk_logits(hidden[sl], weight, bias)
+            m = z.amax(-1, keepdim=True)
+            z.sub_(m)  # z − m ≤ 0, in place: the only (C, V) blocks are this and its exp
+            e = torch.exp(z)
+            s = e.sum(-1)
+            log_s = torch.log(s)
+            lse[sl] = m.squeeze(-1) + log_s
+            lp[sl] = z.gather(-1, targets[sl, None]).squeeze(-1) - log_s
+            ent[sl] = log_s - torch.linalg.vecdot(e, z) / s
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.chunk_rows = chunk_rows
+        ctx.set_materialize_grads(False)  # an unused output (the logged entropy) costs no backward work
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        c = ctx.chunk_rows
+        if grad_lp is None and grad_ent is None:
+            return None, None, None, None, None
+
+        def grad_logits(lo, z):  # z is this chunk's own recomputed block: reused in place
+            logp = z.sub_(lse[lo:lo + c, None])
+            p = torch.exp(logp)
+            gl = None if grad_lp is None else grad_lp[lo:lo + c, None].to(p.dtype)
+            if grad_ent is None:
+                g = p.mul_(-gl)
+            else:  # − g_H · p (log p + H)
+                g = logp.add_(ent[lo:lo + c, None]).mul_(p).mul_(-grad_ent[lo:lo + c, None].to(p.dtype))
+                if gl is not None:
+                    g.sub_(p.mul_(gl))
+            if gl is not None:  # + g_lp · onehot(y)
+                g.scatter_add_(-1, targets[lo:lo + c, None], gl)
+            return g
+
+        return _head_backward(ctx, hidden, weight, bias, grad_logits) + (None, None)
+
+
 def _head_backward(ctx, hidden, weight, bias, grad_logits) -> tuple:
     """Gradients w.r.t. (hidden, weight, bias) of a loss on z = h W^T + b, given d loss/dz per
     chunk (`grad_logits(lo, z)` -> (C, V)), one (C, V) block at a time."""
@@ -137,6 +193,17 @@ def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
     return _TokenEntropy.apply(hidden, weight, bias, max(1, int(chunk_rows)))
+
+
+def target_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                bias: torch.Tensor | None = None, chunk_rows: int = 1024):
+    """target_logprobs and token_entropy of the same rows from one chunked pass over the vocabulary
+    (one matmul and one exp per chunk instead of two of each) -> ((N,) log-probs, (N,) entropies),
+    both differentiable (an output the loss does not use costs nothing in backward)."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return empty, empty.clone()
+    return _TargetLogprobEntropy.apply(hidden, weight, bias, targets, max(1, int(chunk_rows)))
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

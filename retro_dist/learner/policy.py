@@ -29,6 +29,15 @@ LOGPROB_CHUNK_ROWS = 1024  # rows per (rows, vocab) fp32 logits block: 1024 × 1
 
 
 @dataclass
+class KLLog:
+    """The logged KL's state with `kl_coef: 0` (learner/update.py): a fresh reference forward runs
+    on every KL_LOG_EVERY-th step only; a step that measures no token repeats the last measurement."""
+
+    steps: int = 0  # gradient steps accumulated on this policy so far
+    last: float = 0.0  # the last measured per-token KL (nats)
+
+
+@dataclass
 class ReflectionOutputs:
     """What one forward pass of the policy gives the update step."""
 
@@ -78,6 +87,7 @@ class PolicyModel:
         self.body = getattr(base, base.base_model_prefix)  # the transformer without its LM head
         self.head = base.get_output_embeddings()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.kl_log = KLLog()
 
     def autocast(self):
         if self.precision == "bf16":
@@ -92,13 +102,14 @@ class PolicyModel:
         b_idx, t_idx = mb.mask.nonzero(as_tuple=True)  # real reflection tokens only
         h = hidden[b_idx, mb.positions[b_idx, t_idx]]  # (N, H)
         bias = getattr(self.head, "bias", None)
-        lp = losses.target_logprobs(h, self.head.weight, mb.targets[b_idx, t_idx], bias, LOGPROB_CHUNK_ROWS)
+        targets = mb.targets[b_idx, t_idx]
         ent = None
-        if entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                src = h if entropy_grad else h.detach()
-                e = losses.token_entropy(src, self.head.weight, bias, LOGPROB_CHUNK_ROWS)
-                ent = _scatter(e, mb.mask, b_idx, t_idx)
+        if entropy:  # both from one chunked pass over the vocabulary (one matmul, one exp per chunk)
+            lp, e = losses.target_logprobs_and_entropy(h, self.head.weight, targets, bias, LOGPROB_CHUNK_ROWS)
+            # detached, the entropy's output takes no part in backward: no gradient work for a log
+            ent = _scatter(e if entropy_grad else e.detach(), mb.mask, b_idx, t_idx)
+        else:
+            lp = losses.target_logprobs(h, self.head.weight, targets, bias, LOGPROB_CHUNK_ROWS)
         state = hidden[torch.arange(hidden.shape[0], device=hidden.device), mb.prompt_end.to(hidden.device)]
         return ReflectionOutputs(_scatter(lp, mb.mask, b_idx, t_idx), ent, state)
 

@@ -27,8 +27,12 @@ N_SUMS = 12  # the per-step sums accumulate_gradients returns (and all-reduces),
 # pg loss, Σ ratio over tokens, clipped tokens, tokens, Σ sequence log-prob, sequences,
 # Σ k3 KL over tokens, Σ entropy over tokens, Σ (V − r)² over rows, value rows, total loss,
 # tokens the KL was measured on
-KL_LOG_ROWS = 1  # kl_coef 0: the logged KL is measured on the step's first rows only (a small no-grad
-# forward instead of one over the whole batch, which would cost a third of the step)
+# kl_coef 0 (the KL only logged): every step measures it on the rows whose reference is already cached
+# (free); every KL_LOG_EVERY-th step also runs a fresh no-grad reference forward over its first
+# KL_LOG_ROWS rows (cached in turn). A forward over the whole batch would cost a third of the step,
+# one row every step a quarter of a 4-row batch; the drift it watches moves slowly.
+KL_LOG_ROWS = 1
+KL_LOG_EVERY = 4
 
 
 def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, group: Group,
@@ -36,8 +40,10 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
     """Backward over this rank's micro-batches of the whole loss: policy gradient + KL to the
     initial reflector + entropy bonus (+ the value head's regression); returns the N_SUMS sums
     (float64). The KL and entropy are logged every step, whatever their weights; with kl_coef 0 the
-    KL is measured on the first KL_LOG_ROWS rows of the step only."""
+    KL is measured on a few rows only (KL_LOG_ROWS, KL_LOG_EVERY)."""
     plan = plan_micro_batches(rows.lengths(), cfg.micro_batch_size, cfg.micro_batch_tokens)
+    fresh_kl = policy.kl_log.steps % KL_LOG_EVERY == 0  # decided alike on every rank (same step count)
+    policy.kl_log.steps += 1
     sums = torch.zeros(N_SUMS, dtype=torch.float64)
     fit_value = value_head is not None and rows.fit_value
     for idx in plan[group.rank::group.world_size]:
@@ -50,7 +56,7 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
             loss, st = losses.ppo_clip_loss(logp, beh, mb.advantages, mb.mask, len(rows), cfg.clip_eps)
         else:
             loss, st = losses.reinforce_loss(logp, beh, mb.advantages, mb.mask, len(rows), cfg.is_truncation)
-        ref, kl_mask = _kl_reference(policy, cfg, rows, idx, mb, logp)
+        ref, kl_mask = _kl_reference(policy, cfg, rows, idx, mb, logp, fresh_kl)
         reg, _, ent_sum = losses.regularizer_loss(logp, ref, out.entropy, mb.mask, len(rows),
                                                   cfg.kl_coef, cfg.entropy_coef)
         kl_sum = float((losses.kl_k3(logp.detach(), ref) * kl_mask).sum())
@@ -69,15 +75,17 @@ def accumulate_gradients(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, gr
 
 
 def _kl_reference(policy: PolicyModel, cfg: LearnerConfig, rows: Rows, idx: list[int], mb,
-                  logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  logp: torch.Tensor, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π_ref, mask of the tokens the KL is measured on) for a micro-batch. With the penalty on,
-    every row; with it off, only rows among the step's first KL_LOG_ROWS (the others get
-    π_ref = π_θ, i.e. no KL and no gradient)."""
+    every row; with it off, the rows whose reference is cached, and if `fresh` those among the
+    step's first KL_LOG_ROWS (the others get π_ref = π_θ, i.e. no KL and no gradient)."""
     if cfg.kl_coef > 0:
         return _reference(policy, rows, idx, mb), mb.mask.to(logp.dtype)
     ref = logp.detach().clone()
     kl_mask = torch.zeros_like(logp)
-    pick = [j for j, i in enumerate(idx) if i < KL_LOG_ROWS]
+    cached = rows.reference
+    pick = [j for j, i in enumerate(idx)
+            if (cached is not None and cached[i] is not None) or (fresh and i < KL_LOG_ROWS)]
     if pick:
         ref[pick] = _reference(policy, rows, [idx[j] for j in pick], mb).to(ref.dtype)
         kl_mask[pick] = mb.mask[pick].to(logp.dtype)
@@ -129,7 +137,12 @@ def gradient_step(policy: PolicyModel, optimizer: torch.optim.Optimizer, cfg: Le
         return {BAD_STEP: 1, "losses/bad_loss": loss if not math.isfinite(loss) else total,
                 "losses/bad_grad_norm": norm}
     optimizer.step()
-    return _step_metrics(rows, version, sums.tolist(), float(grad_norm), value_head)
+    out = _step_metrics(rows, version, sums.tolist(), float(grad_norm), value_head)
+    if out["losses/kl_tokens"] > 0:
+        policy.kl_log.last = out["losses/kl"]
+    else:  # kl_coef 0 and nothing measured this step: the last measurement, not a 0
+        out["losses/kl"] = policy.kl_log.last
+    return out
 
 
 def _step_metrics(rows: Rows, version: int, sums: list, grad_norm: float, value_head) -> dict:
@@ -140,6 +153,7 @@ def _step_metrics(rows: Rows, version: int, sums: list, grad_norm: float, value_
            "losses/clip_fraction": clipped / max(tokens, 1.0),
            "losses/logprob": lp_sum / max(seqs, 1.0),
            "losses/kl": kl_sum / max(kl_tokens, 1.0),  # per reflection token, k3 estimate (nats)
+           "losses/kl_tokens": kl_tokens,  # reflection tokens it was measured on (all with kl_coef > 0)
            "losses/entropy": ent_sum / max(tokens, 1.0),  # per reflection token (nats)
            "reward/mean": float(rows.reward.mean()), "reward/baseline": float(np.mean(rows.baseline)),
            "reward/advantage_abs": float(np.abs(rows.advantages).mean()),

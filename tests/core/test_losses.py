@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from retro_dist.core.losses import (kl_k3, ppo_clip_loss, regularizer_loss, reinforce_loss, target_logprobs,
-                                    token_entropy, token_logprobs, value_loss)
+                                    target_logprobs_and_entropy, token_entropy, token_logprobs,
+                                    value_loss)
 
 
 def slow_reinforce(logp, beh, adv, lengths, n, cap):
@@ -160,6 +161,46 @@ def test_gradcheck_chunked_entropy():
     args = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
     assert torch.autograd.gradcheck(lambda h, w, b: token_entropy(h, w, b, chunk_rows=4), args)
     assert token_entropy(hidden[:0], weight).shape == (0,)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+@pytest.mark.parametrize("uses", ["both", "logprob", "entropy"])
+def test_fused_logprobs_and_entropy_equal_the_two_pass_reference_in_value_and_gradient(chunk, uses):
+    # the reference: target_logprobs and token_entropy, each its own chunked pass
+    hidden, weight, bias, targets = _head_case()
+    c_lp, c_ent = torch.linspace(-1, 2, len(targets)), torch.linspace(3, -1, len(targets))
+
+    def run(fn):
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        lp, ent = fn(h, w, b)
+        # an output the loss does not use stays out of the graph (its gradient is None, not 0)
+        terms = {"logprob": (lp * c_lp).sum(), "entropy": (ent * c_ent).sum()}
+        sum(v for k, v in terms.items() if uses in (k, "both")).backward()
+        return lp.detach(), ent.detach(), (h.grad, w.grad, b.grad)
+
+    lp1, ent1, g1 = run(lambda h, w, b: (target_logprobs(h, w, targets, b, chunk_rows=chunk),
+                                         token_entropy(h, w, b, chunk_rows=chunk)))
+    lp2, ent2, g2 = run(lambda h, w, b: target_logprobs_and_entropy(h, w, targets, b, chunk_rows=chunk))
+    assert lp2.dtype == ent2.dtype == torch.float32
+    assert torch.allclose(lp2, lp1, atol=1e-5) and torch.allclose(ent2, ent1, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fused_logprobs_and_entropy_unused_entropy_costs_no_gradient_and_gradcheck():
+    hidden, weight, bias, targets = _head_case(torch.float64, n=6, h=3, v=7)
+    args = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
+    for pick in ((0, 1), (0,), (1,)):  # both outputs in the loss, or either alone
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: tuple(target_logprobs_and_entropy(h, w, targets, b, chunk_rows=4)[i] for i in pick), args)
+    lp, ent = target_logprobs_and_entropy(hidden[:0], weight, targets[:0])
+    assert lp.shape == ent.shape == (0,)
+    # bf16 hidden states: fp32 results, equal to the reference on the same (rounded) inputs
+    h32, w32, _, t32 = _head_case()
+    lp, ent = target_logprobs_and_entropy(h32.bfloat16(), w32, t32)
+    assert lp.dtype == ent.dtype == torch.float32
+    assert torch.allclose(ent, token_entropy(h32.bfloat16().float(), w32), atol=1e-5)
+    assert torch.allclose(lp, target_logprobs(h32.bfloat16().float(), w32, t32), atol=1e-5)
 
 
 def test_entropy_of_uniform_and_peaked_rows():

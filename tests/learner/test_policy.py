@@ -81,3 +81,47 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_stays_close(tiny_model):
     assert 0 < (a - b).abs().max() < 0.1  # bf16 really ran, and only rounding differs
     # the probe is computed in fp32 whatever the training precision
     assert bf16.probe_logprobs(prompts[0], refl[0]) == pytest.approx(fp32.probe_logprobs(prompts[0], refl[0]), abs=1e-6)
+
+
+def _two_pass_reference(policy, mb):
+    """The pre-fusion path: log-probs and entropies from two separate chunked passes."""
+    from retro_dist.core import losses
+
+    hidden = policy._hidden(mb)
+    b_idx, t_idx = mb.mask.nonzero(as_tuple=True)
+    h = hidden[b_idx, mb.positions[b_idx, t_idx]]
+    bias = getattr(policy.head, "bias", None)
+    lp = losses.target_logprobs(h, policy.head.weight, mb.targets[b_idx, t_idx], bias, chunk_rows=7)
+    ent = losses.token_entropy(h, policy.head.weight, bias, chunk_rows=7)
+    scatter = lambda v: torch.zeros(mb.mask.shape).index_put((b_idx, t_idx), v)  # noqa: E731
+    return scatter(lp), scatter(ent)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_one_pass_entropy_equals_the_two_pass_reference_with_and_without_its_gradient(tiny_model, entropy_grad):
+    # entropy_coef > 0 trains on the entropy (entropy_grad); at 0 it is only logged, detached
+    policy = _policy(tiny_model)
+    prompts, refl = _case(5)
+    mb = collate(prompts, refl, policy.tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(6)
+    c_lp, c_ent = torch.randn(mb.mask.shape, generator=g), torch.randn(mb.mask.shape, generator=g)
+
+    def grads(fn):
+        for p in policy.params:
+            p.grad = None
+        lp, ent = fn()
+        loss = (lp * c_lp).sum() + ((ent * c_ent).sum() if entropy_grad else 0.0)
+        loss.backward()
+        return lp.detach(), ent.detach(), [p.grad.clone() for p in policy.params]
+
+    def fused():
+        out = policy.forward(mb, entropy=True, entropy_grad=entropy_grad)
+        assert out.entropy.requires_grad == entropy_grad
+        return out.logprobs, out.entropy
+
+    lp1, ent1, g1 = grads(lambda: _two_pass_reference(policy, mb))
+    lp2, ent2, g2 = grads(fused)
+    assert torch.allclose(lp2, lp1, atol=1e-5) and torch.allclose(ent2, ent1, atol=1e-5)
+    assert (ent2[mb.mask == 0] == 0).all() and (ent2[mb.mask == 1] > 0).all()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g2, g1))
+    assert any(a.abs().sum() > 0 for a in g2)

@@ -196,9 +196,11 @@ class LearnerConfig:
     is_truncation: float = 2.0
     """Upper bound of the per-token importance ratio for `reinforce`."""
     baseline: Literal["running_mean", "leave_one_out", "value", "none"] = "running_mean"
-    """Baseline b(x): per-task running mean, leave-one-out over a batch's same-task samples, a learned value head on the reflector's hidden state at the prompt's end (`value`), or none."""
+    """Baseline b(x): per-task running mean, leave-one-out over the other samples of the same task and trial (a fresh batch's; with replay batches every stored one, see `baseline_version_window`), a learned value head on the reflector's hidden state at the prompt's end (`value`), or none."""
     baseline_decay: float = 0.9
     """EMA decay of the per-task running-mean baseline."""
+    baseline_version_window: Optional[int] = 2
+    """`leave_one_out` on replay batches: a row's group is every stored row of its task and trial whose policy_version is within this many versions of its own (the row itself left out); null = any version. Rows alone in their group fall back to the running mean."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     kl_coef: float = 0.0
@@ -210,7 +212,7 @@ class LearnerConfig:
     batch_source: Literal["replay", "fresh"] = "replay"
     """`replay`: sample batches from the store (sampler, staleness filter); `fresh`: this iteration's on-policy samples, whole groups kept together."""
     sft_iterations: int = 0
-    """Warm start (the paper's SFT stage): the first n iterations maximise the likelihood of positively rewarded reflections in the store."""
+    """Warm start (the paper's SFT stage): the first n iterations (async: policy versions) maximise the likelihood of positively rewarded reflections in the store (async: those in each sampled batch)."""
     probe_tolerance: float = 2e-2
     """Cap on the probe check after a sync: mean absolute log-prob gap per probe token, learner vs worker; each version's tolerance lies between the bf16 precision floor and half the distance the version moved the probe (learner/probe.py)."""
     max_policy_lag: int = 2

@@ -11,7 +11,7 @@ from retro_dist.config import Config, ConfigError, EnvConfig
 
 # Keys that mean something in one run.mode only; setting one in the other mode is a mistake.
 SYNC_ONLY = ("run.iterations", "rollout.tasks_per_iteration", "rollout.parallel_tasks",
-             "learner.updates_per_iteration", "learner.sft_iterations", "replay.max_staleness")
+             "learner.updates_per_iteration", "replay.max_staleness")
 ASYNC_ONLY = ("run.updates", "run.log_every_s", "rollout.concurrent_episodes", "rollout.simulators",
               "learner.max_policy_lag", "learner.updates_per_version")
 
@@ -98,7 +98,8 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     if r.memory_size < 1:
         raise ConfigError("rollout.memory_size must be >= 1: with no memory, reflections never reach the actor "
                           "and their rewards are noise")
-    if r.repeats_per_task < 1 or r.tasks_per_iteration % r.repeats_per_task or r.parallel_tasks % r.repeats_per_task:
+    _at_least(r.repeats_per_task, 1, "rollout.repeats_per_task")
+    if cfg.run.mode == "sync" and (r.tasks_per_iteration % r.repeats_per_task or r.parallel_tasks % r.repeats_per_task):
         raise ConfigError("rollout.tasks_per_iteration and rollout.parallel_tasks must be multiples of "
                           "rollout.repeats_per_task (a task's repeats run side by side)")
     _at_least(a.max_retries, 0, "actor.max_retries")
@@ -128,9 +129,8 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
                           f"process uses the GPU Ray gives it; set learner.device to auto or cuda")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", lrn.device):
         raise ConfigError(f"learner.device: '{lrn.device}' is not auto, cpu, cuda or cuda:N")
-    if lrn.baseline == "leave_one_out" and lrn.batch_source != "fresh":
-        raise ConfigError("learner.baseline 'leave_one_out' needs learner.batch_source 'fresh': replay batches "
-                          "rarely hold a sample's group and may hold the sample itself twice")
+    if lrn.baseline_version_window is not None and lrn.baseline_version_window < 0:
+        raise ConfigError(f"learner.baseline_version_window must be >= 0 or null, got {lrn.baseline_version_window}")
     if cfg.reflector.temperature != 1.0:
         raise ConfigError("reflector.temperature must be 1.0: behaviour log-probs are stored untempered, so "
                           "importance ratios would compare different distributions")

@@ -75,9 +75,11 @@ def test_readme_config_reference_matches_the_code():
     assert config_reference() in section, "README's config table is stale: paste `retro-dist config-reference`"
 
 
-def test_leave_one_out_needs_fresh_batches_and_block_is_refused():
-    with pytest.raises(ConfigError, match="leave_one_out' needs learner.batch_source 'fresh'"):
-        load_config(None, ["learner.baseline=leave_one_out"])
+def test_leave_one_out_window_and_block_is_refused():
+    # replay batches take leave-one-out over the store's whole groups (learner/groups.py)
+    assert load_config(None, ["learner.baseline=leave_one_out"]).learner.baseline_version_window == 2
+    with pytest.raises(ConfigError, match="learner.baseline_version_window must be >= 0 or null"):
+        load_config(None, ["learner.baseline=leave_one_out", "learner.baseline_version_window=-1"])
     with pytest.raises(ConfigError, match="on_overflow 'block' would wait forever"):
         load_config(None, ["replay.on_overflow=block"])
     with pytest.raises(ConfigError, match="learner.micro_batch_size must be >= 1"):

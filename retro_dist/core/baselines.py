@@ -4,7 +4,8 @@ Subtracting b(x) leaves the gradient unbiased when b does not depend on the samp
 and cuts its variance (Williams 1992). Two kinds, chosen by `learner.baseline`:
 - per-task running mean: an EMA of past rewards on the same task (global EMA for unseen tasks);
 - leave-one-out: for several reflections of the same task in one batch, each one's baseline is
-  the mean reward of the others (Kool et al. 2019, "Buy 4 REINFORCE samples").
+  the mean reward of the others (Kool et al. 2019, "Buy 4 REINFORCE samples"); for replay
+  batches the same from the group's stored totals (`leave_one_out_from_sums`).
 """
 from __future__ import annotations
 
@@ -55,3 +56,19 @@ def leave_one_out(groups: Sequence[str], rewards: Sequence[float], fallback: np.
             total = rewards[idx].sum()
             out[idx] = (total - rewards[idx]) / (len(idx) - 1)
     return out
+
+
+def leave_one_out_from_sums(rewards: Sequence[float], sums: Sequence[float], counts: Sequence[float],
+                            fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out from group totals that include the row itself: b_i = (S_i − r_i) / (n_i − 1).
+
+    S_i, n_i: reward sum and row count of i's whole group (every stored member, i among them), so
+    the baseline does not depend on which of them a batch happened to draw. Rows with n_i ≤ 1 (alone
+    in their group) get `fallback[i]`. Returns (b, has_group: bool mask of the rows that got a group).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    has_group = counts > 1
+    out = np.array(fallback, dtype=np.float64, copy=True)
+    out[has_group] = (sums[has_group] - rewards[has_group]) / (counts[has_group] - 1)
+    return out, has_group

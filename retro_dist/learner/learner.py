@@ -29,6 +29,7 @@ from retro_dist.learner import checkpoints, ledger, sources
 from retro_dist.learner import value as value_mod
 from retro_dist.learner.batches import ReferenceCache, Rows
 from retro_dist.learner.distributed import DistSpec, Group
+from retro_dist.learner.groups import GroupIndex
 from retro_dist.learner.policy import PolicyModel, resolve_device
 from retro_dist.learner.probe import PROBE_COMPLETION, PROBE_PROMPT, probe_gap, probe_tolerance
 from retro_dist.learner.update import BAD_STEP, gradient_step
@@ -56,6 +57,8 @@ class Learner:
         self.group = Group(dist, self.device)
         self.store = ReplayStore(replay_root, replay_cfg)
         self.baseline = baselines.RunningMeanBaseline(cfg.baseline_decay)
+        self.groups = GroupIndex(cfg.baseline_version_window)  # leave-one-out over whole stored groups
+        self._baseline_stats: dict = {}  # the last advantages() call's, merged into each step's stats
         self.rng = np.random.default_rng(seed)
         self.reference_cache = ReferenceCache()  # log π_ref per row (by its tokens): the KL reference is fixed
         self.run_dir = str(run_dir)  # a path or pyarrow URI (s3://...): checkpoints/ goes under it
@@ -155,14 +158,25 @@ class Learner:
         out.update(self.store.metrics())
         return out
 
-    def advantages(self, table) -> tuple[np.ndarray, np.ndarray]:
-        """(A, b) per row. Leave-one-out groups are samples of the same task and trial."""
+    def advantages(self, table, whole_groups: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(A, b) per row. Leave-one-out groups are samples of the same task and trial: those in
+        `table` (a whole version's fresh rows), or with `whole_groups` (a replay batch) every row the
+        store holds of the group, within `baseline_version_window` versions (learner/groups.py)."""
         cols = table.select(["task_id", "trial", "reward"]).to_pydict()
         rewards = np.asarray(cols["reward"], dtype=np.float64)
         b = self.baseline.values(cols["task_id"])
-        if self.cfg.baseline == "leave_one_out":
+        if self.cfg.baseline == "leave_one_out" and whole_groups:
+            self.groups.sync(self.store)  # folds in only the segments sealed since the last call
+            sums, counts = self.groups.lookup(table)
+            b, grouped = baselines.leave_one_out_from_sums(rewards, sums, counts, fallback=b)
+            self._baseline_stats = {"learner/group_baseline_fraction": float(grouped.mean()),
+                                    "learner/group_size_mean": float(counts.mean())}
+        elif self.cfg.baseline == "leave_one_out":
             groups = [f"{t}#{k}" for t, k in zip(cols["task_id"], cols["trial"])]
             b = baselines.leave_one_out(groups, rewards, fallback=b)
+            _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+            self._baseline_stats = {"learner/group_baseline_fraction": float(np.mean(sizes[inverse] > 1)),
+                                    "learner/group_size_mean": float(np.mean(sizes[inverse]))}
         elif self.cfg.baseline == "value":  # V(x) from the current adapter and head, before the step
             b = value_mod.predict(self.policy, self.value_head, table.column("prompt_ids").to_pylist(),
                               self.cfg.micro_batch_size)
@@ -184,6 +198,7 @@ class Learner:
         if self.group.distributed:
             self.group.broadcast(("step", (rows, self.version)))
         stats = self._step(rows, self.version)
+        stats.update(self._baseline_stats)
         self.reference_cache.store(keys, rows.reference)  # what this step computed, for the rows' next steps
         return stats
 

@@ -16,14 +16,15 @@ Batch = tuple  # (pyarrow.Table, adv (B,), base (B,), on_policy: bool)
 
 
 def replay_batches(learner) -> Iterator[Batch]:
-    """Sampled from the store (sampler, staleness filter, rate limiter), IS-corrected."""
+    """Sampled from the store (sampler, staleness filter, rate limiter), IS-corrected; a leave-one-out
+    baseline uses every stored member of a row's group, not just those the batch drew."""
     store, cfg = learner.store, learner.cfg
     for _ in range(cfg.updates_per_iteration):
         batch = store.sample("reflections", cfg.batch_size, rng=learner.rng, step=learner.steps,
                              current_version=learner.version)
         if batch is None or batch.table.num_rows == 0:
             return
-        adv, base = learner.advantages(batch.table)
+        adv, base = learner.advantages(batch.table, whole_groups=True)  # LOO over the store's whole groups
         if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
             adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
         yield batch.table, adv, base, False

@@ -3,7 +3,8 @@
 It never waits on a worker: it samples whatever sealed reflection rows the store holds, within
 `max_policy_lag` versions of its own (older rows are never trained on and are counted), lets the
 replay rate limiter (`samples_per_insert`) pace it against the insert rate, and publishes a new
-policy version every `updates_per_version` steps. A plain class around `Learner`: `launch/` runs
+policy version every `updates_per_version` steps. The first `sft_iterations` versions are the
+SFT warm start: each step fits the sampled batch's positively rewarded rows (A = 1, on-policy). A plain class around `Learner`: `launch/` runs
 it inside the learner's Ray actor, tests run it in-process.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from typing import Callable, Optional
 
 import numpy as np
+import pyarrow.compute as pc
 
 from retro_dist.core import staleness
 from retro_dist.core.sampling import importance_weights
@@ -135,13 +137,22 @@ class LearnerLoop:
         if batch is None or batch.table.num_rows == 0:
             return None
         fresh_ratio = self._fresh_ratio(batch.table)  # before the step: the weights that were published
-        adv, base = lrn.advantages(batch.table)
-        if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
-            adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
-        stats = lrn.update(batch.table, adv, base)
+        sft = lrn.version < lrn.cfg.sft_iterations
+        if sft:  # the warm start: likelihood of the batch's positively rewarded rows (as sources.sft_batches)
+            table = batch.table.filter(pc.greater(batch.table.column("reward"), 0.0))
+            if table.num_rows == 0:
+                return None
+            stats = lrn.update(table, np.ones(table.num_rows), np.zeros(table.num_rows), on_policy=True)
+        else:
+            table = batch.table
+            adv, base = lrn.advantages(table, whole_groups=True)  # LOO over the store's whole groups
+            if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
+                adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
+            stats = lrn.update(table, adv, base)
+        stats["learner/sft"] = int(sft)
         if BAD_STEP in stats:  # skipped: no step taken, nothing published
             return stats
-        lag = staleness.version_lag(lrn.version, batch.table.column("policy_version").to_numpy())
+        lag = staleness.version_lag(lrn.version, table.column("policy_version").to_numpy())
         if lag.max() > self.max_policy_lag:  # the store's staleness filter guarantees this
             raise AssertionError(f"trained on a row {int(lag.max())} versions old (max_policy_lag "
                                  f"{self.max_policy_lag})")

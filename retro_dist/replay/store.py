@@ -213,6 +213,12 @@ class ReplayStore:
         """Distinct-key rows held for `table` (opens the table on first use)."""
         return self._view(table).num_rows
 
+    def held_segments(self, table: str) -> list[tuple[str, list[pa.RecordBatch]]]:
+        """(segment path, record batches) of each held segment of `table`, oldest first: the rows
+        as sampled (repeated keys dropped), zero-copy. For indexes kept beside the store, which
+        fold in the paths they have not seen (learner/groups.py)."""
+        return [(s.entry.rel_path, s.batches) for s in self._view(table).segs]
+
     def rows_below_version(self, table: str, version: int) -> int:
         """Rows held in `table` with policy_version < `version` (0 for a table without one).
 

@@ -108,9 +108,6 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
                           f"({a.retry_backoff_max_s}), both finite seconds")
     if a.backend == "openai" and not a.base_url:
         raise ConfigError("actor.base_url is required when actor.backend is 'openai'")
-    if a.backend == "openai" and a.action_selection == "score_valid":
-        raise ConfigError("actor.action_selection 'score_valid' needs token log-probs of whole prompts; "
-                          "use backend vllm or hf, or action_selection 'generate'")
     if a.backend != "openai" and a.base_url:
         raise ConfigError(f"actor.base_url is set but actor.backend is '{a.backend}'")
     if lrn.batch_size % lrn.micro_batch_size:

@@ -28,7 +28,11 @@ class AsyncActorPolicy(ActorRole):
     async def act(self, prompt: str, seed: int, valid_actions: Optional[list[str]] = None) -> str:
         """One command. With `score_valid` and a complete list of valid actions, the one whose
         " action\\n" tokens score highest under the base model; otherwise generated."""
-        if self.cfg.action_selection == "score_valid" and valid_actions and self.tokenizer is not None:
+        scoring = self.cfg.action_selection == "score_valid" and bool(valid_actions)
+        if scoring and isinstance(self.backend, AsyncOpenAIClient):
+            lps = await self.backend.score_actions(prompt, valid_actions)  # the server tokenizes: scored by text
+            return best_action(valid_actions, [sum(x) for x in lps], lps, self.cfg.action_scoring)
+        if scoring and self.tokenizer is not None:
             cands = [self.tokenizer(f" {a}\n", add_special_tokens=False).input_ids for a in valid_actions]
             scores = await self.backend.score_candidates(prompt_ids(self.tokenizer, prompt), cands)
             return best_action(valid_actions, scores, cands, self.cfg.action_scoring)

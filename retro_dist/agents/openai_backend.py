@@ -7,6 +7,12 @@ refused or reset connection, a timeout, HTTP 5xx, 408 or 429. A client error (an
 model name, a prompt the server rejects) fails at once with the server's message in one line. A
 request that fails for good fails only itself: the sync client sends one request per prompt and
 returns each prompt's text or its `BackendError`.
+
+Action scoring (`actor.action_selection: score_valid`) needs no local tokenizer: the candidates of one
+step ("prompt + ' action\\n'" each) go in one request to the completions API with `echo: true,
+logprobs: 0, max_tokens: 0`, which returns the log-prob of every prompt token under the server's own
+tokenizer; the tokens that cover the action's characters are its score (`action_logprobs`). vLLM's
+server supports this; an endpoint that returns no prompt log-probs fails with a one-line error.
 """
 from __future__ import annotations
 
@@ -90,6 +96,60 @@ def _attempt(req: urllib.request.Request, timeout: float) -> dict:
         raise BackendError(f"actor endpoint {req.full_url}: response is not JSON: {err}") from None
 
 
+def scoring_body(model: str, prompt: str, actions: Sequence[str]) -> tuple[dict, list[str]]:
+    """One completions request scoring every candidate of one step: the prompt log-probs of each
+    "prompt + ' action\\n'" (echoed, nothing generated). Returns the body and the candidate suffixes."""
+    suffixes = [f" {a}\n" for a in actions]
+    body = dict(model=model, prompt=[str(prompt) + sfx for sfx in suffixes], max_tokens=0, echo=True,
+                logprobs=0, temperature=0.0)
+    return body, suffixes
+
+
+def action_logprobs(response: dict, prompt: str, suffixes: Sequence[str], url: str) -> list[list[float]]:
+    """Per candidate, the log-probs of the server's tokens that cover its suffix (" action\\n").
+
+    Found by characters, not token ids (the server's tokenizer is not ours): the echoed tokens'
+    strings concatenate to the text sent, perhaps after a BOS token's; a token that straddles the
+    prompt/action boundary counts as the action's (it is conditioned on the prompt before it)."""
+    try:
+        choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
+        if len(choices) != len(suffixes):
+            raise ValueError(f"{len(choices)} choices for {len(suffixes)} prompts")
+        out = []
+        for choice, sfx in zip(choices, suffixes):
+            lp = choice.get("logprobs") or {}
+            tokens, token_lps = lp.get("tokens"), lp.get("token_logprobs")
+            if not tokens or not token_lps or all(x is None for x in token_lps):
+                raise BackendError(f"actor endpoint {url} returned no prompt log-probs (echo + logprobs); "
+                                   f"actor.action_selection 'score_valid' needs a server that does (e.g. vLLM)")
+            out.append(_suffix_logprobs(tokens, token_lps, str(prompt) + sfx, len(sfx), url))
+        return out
+    except (KeyError, TypeError, ValueError) as err:
+        raise BackendError(f"actor endpoint {url}: malformed scoring response: {type(err).__name__}: {err}") from None
+
+
+def _suffix_logprobs(tokens: Sequence[str], token_lps: Sequence[Optional[float]], text: str, n_suffix: int,
+                     url: str) -> list[float]:
+    joined = "".join(tokens)
+    start = joined.find(text)
+    end = start + len(text)
+    if start < 0 and joined.endswith(text[-n_suffix:]):
+        # Tokens decoded one by one do not spell characters split across byte-level tokens (non-ASCII
+        # prompt text shows as U+FFFD): then the echo (nothing generated after it) ends with the action.
+        end = len(joined)
+    elif start < 0:
+        raise BackendError(f"actor endpoint {url}: the echoed tokens do not spell the prompt sent, "
+                           f"so the action's tokens cannot be found")
+    begin, pos, lps = end - n_suffix, 0, []
+    for tok, lp in zip(tokens, token_lps):
+        if pos < end and pos + len(tok) > begin:
+            if lp is None:  # only the first token of a sequence has none; an action is never first
+                raise BackendError(f"actor endpoint {url}: no log-prob for an action token")
+            lps.append(float(lp))
+        pos += len(tok)
+    return lps
+
+
 class OpenAIBackend:
     """Sync client: a batch of prompts becomes one request per prompt, sent concurrently (threads)."""
 
@@ -136,6 +196,27 @@ class OpenAIBackend:
             return err
         except (KeyError, IndexError, TypeError) as err:
             return BackendError(f"actor endpoint {self.base_url}: malformed completion: {type(err).__name__}: {err}")
+
+    def _score_one(self, prompt: str, actions: Sequence[str]) -> Union[list[list[float]], BackendError]:
+        body, suffixes = scoring_body(self.model, prompt, actions)
+        try:
+            out = self._post("/completions", body)  # counts its own failures
+        except BackendError as err:
+            return err
+        try:
+            return action_logprobs(out, prompt, suffixes, self.base_url)
+        except BackendError as err:
+            self._counted("failed")
+            return err
+
+    def score_actions(self, prompts: Sequence[str], actions: Sequence[Sequence[str]]
+                      ) -> list[Union[list[list[float]], BackendError]]:
+        """Per prompt, per candidate action, the log-probs of the tokens of " action\\n" (one request
+        per prompt holding all its candidates, prompts sent concurrently); a prompt whose request
+        failed for good gets its BackendError."""
+        if len(prompts) == 1:
+            return [self._score_one(prompts[0], actions[0])]
+        return list(self._pool.map(self._score_one, prompts, actions))
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int, temperature: float,
                       seed: Seeds = 0) -> list[Union[str, BackendError]]:
@@ -190,7 +271,8 @@ class AsyncOpenAIClient:
         except (aiohttp.ClientError, ValueError) as err:  # e.g. a body that is not JSON
             raise BackendError(f"actor endpoint {url} failed: {type(err).__name__}: {err}") from None
 
-    async def generate_text(self, prompt: str, max_new_tokens: int, temperature: float, seed: int = 0) -> str:
+    async def _request(self, body: dict) -> dict:
+        """POST body to /completions with retries (`RetryPolicy`); the JSON answer or BackendError."""
         import aiohttp
 
         if self._session is None:
@@ -198,27 +280,39 @@ class AsyncOpenAIClient:
                                                   timeout=aiohttp.ClientTimeout(total=self._timeout),
                                                   headers=self._headers)
         url = f"{self.base_url}/completions"
-        body = dict(model=self.model, prompt=str(prompt), max_tokens=max_new_tokens,
-                    temperature=temperature, stop=["\n"], seed=seed)
         for retry in range(self.retry.max_retries + 1):
             try:
-                out = await self._attempt(url, body)
+                return await self._attempt(url, body)
             except TransientError as err:
                 if retry == self.retry.max_retries:
                     self.failed += 1
                     raise self.retry.gave_up(url, err) from None
                 self.retries += 1
                 await asyncio.sleep(self.retry.delay(retry))
-                continue
             except BackendError:
                 self.failed += 1
                 raise
-            try:
-                return out["choices"][0]["text"]
-            except (KeyError, IndexError, TypeError) as err:
-                self.failed += 1
-                raise BackendError(f"actor endpoint {url}: malformed completion: {type(err).__name__}: {err}") from None
         raise AssertionError("unreachable")
+
+    async def generate_text(self, prompt: str, max_new_tokens: int, temperature: float, seed: int = 0) -> str:
+        out = await self._request(dict(model=self.model, prompt=str(prompt), max_tokens=max_new_tokens,
+                                       temperature=temperature, stop=["\n"], seed=seed))
+        try:
+            return out["choices"][0]["text"]
+        except (KeyError, IndexError, TypeError) as err:
+            self.failed += 1
+            raise BackendError(f"actor endpoint {self.base_url}: malformed completion: "
+                               f"{type(err).__name__}: {err}") from None
+
+    async def score_actions(self, prompt: str, actions: Sequence[str]) -> list[list[float]]:
+        """Per candidate action, the log-probs of the tokens of " action\\n" (one request for all)."""
+        body, suffixes = scoring_body(self.model, prompt, actions)
+        out = await self._request(body)
+        try:
+            return action_logprobs(out, prompt, suffixes, self.base_url)
+        except BackendError:
+            self.failed += 1
+            raise
 
     async def close(self) -> None:
         if self._session is not None:

@@ -60,7 +60,13 @@ class ActorPolicy(ActorRole):
         actions: list = [None] * len(prompt_texts)
         if self.cfg.action_selection == "score_valid" and valid_actions is not None:
             rows = [i for i, v in enumerate(valid_actions) if v]
-            if rows:
+            if rows and isinstance(self.backend, OpenAIBackend):  # the server tokenizes: scored by text
+                scored_lps = self.backend.score_actions([prompt_texts[i] for i in rows],
+                                                        [valid_actions[i] for i in rows])
+                for i, lps in zip(rows, scored_lps):
+                    actions[i] = lps if isinstance(lps, BackendError) else \
+                        best_action(valid_actions[i], [sum(x) for x in lps], lps, self.cfg.action_scoring)
+            elif rows:
                 ids = [prompt_ids(self.tokenizer, prompt_texts[i]) for i in rows]
                 cands = [[self.tokenizer(f" {a}\n", add_special_tokens=False).input_ids for a in valid_actions[i]]
                          for i in rows]

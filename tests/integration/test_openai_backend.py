@@ -31,3 +31,63 @@ def test_preflight_checks_the_served_model_name(server, in_repo):
     bad = load_config("configs/test.yaml", ["actor.backend=openai", f"actor.base_url={server}", "actor.model=llama"])
     with pytest.raises(PreflightError, match="actor.model 'llama' is not served"):
         preflight(bad)
+
+
+# Action-logit extraction over HTTP (`score_valid`): the prompts and actions of
+# tests/agents/test_action_scoring.py, where the tiny model's preferences are checked to be clear
+# (no float tie decides) and to differ between sum and mean.
+PROMPTS = [
+    "Game: twx/coin\nTask: find the coin\nYou are in the kitchen. You see a door to the north.\n>",
+    "Game: twx/coin\nTask: find the coin\nYou are in the hallway. The coin is in the bathroom.\n> look around\n"
+    "You are in the hallway.\n>",
+    "Game: twx/coin\nTask: find the coin\nMemory:\nTrial 1: In the next trial I will move west, take coin.\n"
+    "You are in the pantry.\n>",
+]
+ACTIONS = ["move north", "move south", "move west", "take coin", "look around", "inventory",
+           "open door to the backyard and the garden", "close door to the bathroom"]
+
+
+def test_http_actor_scores_valid_actions_as_the_hf_and_vllm_backends_do(server, tiny_model):
+    import asyncio
+    import gc
+
+    from retro_dist.agents.async_policies import AsyncActorPolicy
+    from retro_dist.agents.backends import HFBackend, VLLMBackend
+    from retro_dist.agents.openai_backend import AsyncOpenAIClient
+    from retro_dist.config import VLLMConfig
+
+    hf = HFBackend(tiny_model, None, "cpu")
+    http_cfg = ActorConfig(backend="openai", model="tiny", base_url=server, action_selection="score_valid")
+    http = OpenAIBackend(http_cfg)
+    # The server's tokens, found by characters, are the ones our tokenizer gives " action\n", and
+    # their log-probs are HF's for the same sequence.
+    ids = [hf.tokenizer(p).input_ids for p in PROMPTS]
+    cands = [hf.tokenizer(f" {a}\n", add_special_tokens=False).input_ids for a in ACTIONS]
+    ref = hf.score_candidates(ids, [cands] * len(PROMPTS))
+    remote = http.score_actions(PROMPTS, [ACTIONS] * len(PROMPTS))
+    for row_ref, row in zip(ref, remote):
+        assert [len(lps) for lps in row] == [len(c) for c in cands]
+        assert max(abs(s - sum(lps)) for s, lps in zip(row_ref, row)) < 1e-3
+    vllm = VLLMBackend(tiny_model, VLLMConfig(), None, 0)
+    try:
+        for how in ("sum", "mean"):
+            local = ActorConfig(backend="hf", model=tiny_model, action_selection="score_valid", action_scoring=how)
+            cfg = ActorConfig(backend="openai", model="tiny", base_url=server, action_selection="score_valid",
+                              action_scoring=how)
+            picks = ActorPolicy(local, hf).act(PROMPTS, seed=0, valid_actions=[ACTIONS] * len(PROMPTS))
+            assert ActorPolicy(local, vllm).act(PROMPTS, seed=0, valid_actions=[ACTIONS] * len(PROMPTS)) == picks
+            assert ActorPolicy(cfg, http).act(PROMPTS, seed=0, valid_actions=[ACTIONS] * len(PROMPTS)) == picks
+
+            async def run_async():
+                policy = AsyncActorPolicy(cfg, AsyncOpenAIClient(cfg))
+                try:
+                    return [await policy.act(p, seed=0, valid_actions=ACTIONS) for p in PROMPTS]
+                finally:
+                    await policy.close()
+
+            assert asyncio.run(run_async()) == picks
+    finally:
+        http.close()
+        vllm.close()
+        del vllm
+        gc.collect()

@@ -106,8 +106,9 @@ def learning_summary(rows: Sequence[dict], trials: int) -> Optional[dict]:
     if len(rewards) >= 2:
         q = max(1, len(rewards) // 4)
         slope = float(np.polyfit(np.arange(len(rewards)), rewards, 1)[0])
-        out["reflection_reward"] = {"first_quarter": float(rewards[:q].mean()), "last_quarter": float(rewards[-q:].mean()),
-                                    "rows_per_quarter": q, "slope_per_10": 10 * slope}
+        out["reflection_reward"] = {"first_row": float(rewards[0]), "first_quarter": float(rewards[:q].mean()),
+                                    "last_quarter": float(rewards[-q:].mean()), "rows_per_quarter": q,
+                                    "slope_per_10": 10 * slope}
     return out
 
 
@@ -120,9 +121,9 @@ def summary_lines(s: dict) -> list[str]:
         lines.append(f"  {name} {s['step_key']} ({e['step']}): {by_trial}")
     rr = s.get("reflection_reward")
     if rr:
-        lines.append(f"  reflection reward (next trial's return − this one's): first {rr['rows_per_quarter']} "
-                     f"{s['step_key']}s {rr['first_quarter']:.3f} → last {rr['rows_per_quarter']} "
-                     f"{rr['last_quarter']:.3f} (slope {rr['slope_per_10']:+.3f} per 10)")
+        lines.append(f"  reflection reward (next trial's return − this one's): first {s['step_key']} "
+                     f"{rr['first_row']:.3f}, first {rr['rows_per_quarter']} {rr['first_quarter']:.3f} → last "
+                     f"{rr['rows_per_quarter']} {rr['last_quarter']:.3f} (slope {rr['slope_per_10']:+.3f} per 10)")
     return lines
 
 

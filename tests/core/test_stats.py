@@ -47,7 +47,8 @@ def test_learning_summary_reports_first_and_last_success_and_reward_trend():
     assert rr["slope_per_10"] == pytest.approx(1.0)  # 0.1 per row
     text = "\n".join(summary_lines(s))
     assert "first iteration (0): trial 1 0.500  trial 2 0.500" in text
-    assert "0.050 → last 2 0.650 (slope +1.000 per 10)" in text
+    assert rr["first_row"] == 0.0
+    assert "first iteration 0.000, first 2 0.050 → last 2 0.650 (slope +1.000 per 10)" in text
 
 
 def test_learning_summary_of_a_run_without_rollouts_is_none():

@@ -40,6 +40,9 @@ def run_eval(cfg: Config, checkpoint: Optional[str], n_tasks: int, trials: int, 
         raise ValueError("the trained arm needs --checkpoint (a peft adapter folder)")
     preflight(cfg)
     cfg = with_absolute_model_paths(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, split=split)))
+    if cfg.run.mode == "async":  # evaluation runs lockstep chunks; an async config sizes them by episodes in flight
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout,
+                                                                   parallel_tasks=cfg.rollout.concurrent_episodes))
     if reflection_temperature is not None:
         cfg = dataclasses.replace(cfg, reflector=dataclasses.replace(cfg.reflector, temperature=reflection_temperature))
     adapter = load_adapter(checkpoint) if checkpoint else None

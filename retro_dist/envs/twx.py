@@ -169,7 +169,9 @@ class TwxFamily:
         env = self._env()
         prefix = list(prefix)
         if task.env_name == "twx/coin":
-            return self._walk_to(env, task, prefix, "take coin", max_depth)
+            # From a mid-walk state coin's search never first undoes the walk's last move (as when
+            # the recipe's actor, README "Results", was built: its pretraining walks depend on it).
+            return self._walk_to(env, task, prefix, "take coin", max_depth, undo_last=False)
         if task.env_name == "twx/mapreader":
             if "take coin" not in prefix:
                 out = self._walk_to(env, task, prefix, "take coin", max_depth)
@@ -191,8 +193,11 @@ class TwxFamily:
         return route + ["take coin"]
 
     @staticmethod
-    def _walk_to(env: TwxEnv, task: Task, start: list[str], goal: str, max_depth: int) -> Optional[list[str]]:
-        """Fewest moves from the state after `start` until `goal` is a valid action, then `goal`."""
+    def _walk_to(env: TwxEnv, task: Task, start: list[str], goal: str, max_depth: int,
+                 undo_last: bool = True) -> Optional[list[str]]:
+        """Fewest moves from the state after `start` until `goal` is a valid action, then `goal`.
+        A search never steps straight back within itself; `undo_last=False` also keeps its first
+        move from undoing the last move of `start`."""
         frontier: list[list[str]] = [start]
         for _ in range(max_depth + 1):
             nxt = []
@@ -202,7 +207,7 @@ class TwxFamily:
                     obs = env.step(a)
                 if goal in (obs.valid_actions or []):
                     return prefix[len(start):] + [goal]
-                back = reverse_move(prefix[-1]) if len(prefix) > len(start) else None
+                back = reverse_move(prefix[-1]) if prefix and (undo_last is False or len(prefix) > len(start)) else None
                 nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
             frontier = nxt
         return None

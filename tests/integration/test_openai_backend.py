@@ -6,6 +6,7 @@ from retro_dist.agents.backends import OpenAIBackend, check_endpoint
 from retro_dist.agents.policies import ActorPolicy
 from retro_dist.config import ActorConfig, load_config
 from retro_dist.launch.preflight import PreflightError, preflight
+from tests.agents.test_action_scoring import ACTIONS, PROMPTS
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -33,20 +34,9 @@ def test_preflight_checks_the_served_model_name(server, in_repo):
         preflight(bad)
 
 
-# Action-logit extraction over HTTP (`score_valid`): the prompts and actions of
+# Action-logit extraction over HTTP (`score_valid`): PROMPTS and ACTIONS are those of
 # tests/agents/test_action_scoring.py, where the tiny model's preferences are checked to be clear
 # (no float tie decides) and to differ between sum and mean.
-PROMPTS = [
-    "Game: twx/coin\nTask: find the coin\nYou are in the kitchen. You see a door to the north.\n>",
-    "Game: twx/coin\nTask: find the coin\nYou are in the hallway. The coin is in the bathroom.\n> look around\n"
-    "You are in the hallway.\n>",
-    "Game: twx/coin\nTask: find the coin\nMemory:\nTrial 1: In the next trial I will move west, take coin.\n"
-    "You are in the pantry.\n>",
-]
-ACTIONS = ["move north", "move south", "move west", "take coin", "look around", "inventory",
-           "open door to the backyard and the garden", "close door to the bathroom"]
-
-
 def test_http_actor_scores_valid_actions_as_the_hf_and_vllm_backends_do(server, tiny_model):
     import asyncio
     import gc

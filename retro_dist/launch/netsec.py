@@ -44,11 +44,15 @@ def local_cluster() -> Iterator[dict]:
 
 
 def init_local(**kwargs):
-    """`ray.init` of a local cluster bound to loopback (no dashboard); returns Ray's context."""
+    """`ray.init` of a new local cluster bound to loopback (no dashboard); returns Ray's context.
+
+    `address="local"`: without it Ray joins the newest `ray start` head on the machine (its
+    ray_current_cluster file), or RAY_ADDRESS, and a run meant to be local lands on someone else's
+    cluster, or fails there because it sets num_cpus."""
     import ray
 
     with local_cluster() as loopback:
-        return ray.init(**{**kwargs, **loopback})
+        return ray.init(**{**kwargs, **loopback, "address": "local"})
 
 
 def secret_env_vars(api_key_env: Optional[str]) -> dict:

@@ -3,6 +3,7 @@ the job trains two iterations and the test reads its run folder. On the same hea
 for more CPUs than the cluster has stops at once with the resource check's one line."""
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -92,3 +93,17 @@ eval: {{tasks: 4, trials: 2, split: test, arms: [initial, trained]}}
     for run in ("seed-0", "seed-1"):  # each job trained on the head's cluster, then evaluated
         assert (tmp_path / "campaigns" / "jobs" / run / "train.done").is_file()
         assert (tmp_path / "campaigns" / "jobs" / run / "logs" / "worker-0.log").is_file()
+
+
+def test_a_local_run_beside_a_ray_start_head_starts_its_own_cluster(head, tmp_path):
+    """Without an address, Ray's own ray.init joins the newest `ray start` head of its temp dir
+    (/tmp/ray unless told; here the head's) and then refuses num_cpus: a run without `ray.address`
+    must start its own local cluster instead (seen: a campaign beside the test suite's heads)."""
+    code = ("import ray\nfrom retro_dist.launch.netsec import init_local\n"
+            f"ctx = init_local(num_cpus=1, _temp_dir={head.temp_dir!r})\n"
+            "print('GCS', ctx.address_info['gcs_address'])\nray.shutdown()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ray_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    gcs = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("GCS ")]
+    assert gcs and gcs[0] != head.gcs

@@ -4,28 +4,13 @@ import pytest
 
 from retro_dist.config import ConfigError, EnvConfig, load_config
 from retro_dist.envs.registry import MixedEnv, parse_step_limits
-from retro_dist.envs.twx import TwxEnv, TwxFamily, reverse_move
+from retro_dist.envs.twx import reverse_move
 
 pytestmark = pytest.mark.component
 pytest.importorskip("textworld_express")
 PARAMS = ("coin: numLocations=4,includeDoors=0,numDistractorItems=0; "
           "mapreader: numLocations=6,maxDistanceApart=2,includeDoors=0,maxDistractorItemsPerLocation=0")
-CFG = EnvConfig(games=["twx/coin", "twx/mapreader"], game_params=PARAMS, step_limit=6, step_limits="twx/coin: 2")
-
-
-@pytest.fixture(scope="module")
-def family():
-    fam = TwxFamily(CFG)
-    yield fam
-    if fam._probe is not None:
-        fam._probe.close()
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = TwxEnv(PARAMS, step_limit=40)
-    yield e
-    e.close()
+FAMILY_CFG = CFG = EnvConfig(games=["twx/coin", "twx/mapreader"], game_params=PARAMS, step_limit=6, step_limits="twx/coin: 2")
 
 
 def _play(env, task, actions):

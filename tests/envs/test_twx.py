@@ -2,26 +2,12 @@
 import pytest
 
 from retro_dist.config import EnvConfig
-from retro_dist.envs.twx import TwxEnv, TwxFamily
+from retro_dist.envs.twx import TwxEnv
 
 pytestmark = pytest.mark.component
 pytest.importorskip("textworld_express")
 PARAMS = "numLocations=4,includeDoors=0,numDistractorItems=0"
-
-
-@pytest.fixture(scope="module")
-def family():
-    fam = TwxFamily(EnvConfig(games=["twx/coin"], game_params=PARAMS, step_limit=6))
-    yield fam
-    if fam._probe is not None:
-        fam._probe.close()
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = TwxEnv(PARAMS, step_limit=40)
-    yield e
-    e.close()
+FAMILY_CFG = EnvConfig(games=["twx/coin"], game_params=PARAMS, step_limit=6)
 
 
 def test_tasks_are_deterministic_and_folds_disjoint(family):

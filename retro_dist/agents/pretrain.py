@@ -131,7 +131,7 @@ def _task_examples(env, fam, task, rng: random.Random, routes_per_task: int) -> 
     if not plan:
         return []
     out = _walk(env, task, [], [], plan)  # no advice: a prior over where to look
-    if not hasattr(fam, "plan_for_route") or task.env_name not in ROUTE_GAMES:
+    if task.env_name not in ROUTE_GAMES:  # twx games: TwxFamily.plan_for_route
         return out
     routes = _routes(env, task, depth=2)
     chosen = [route_of(plan)] + rng.sample(routes, min(routes_per_task - 1, len(routes)))

@@ -207,7 +207,8 @@ class TwxFamily:
                     obs = env.step(a)
                 if goal in (obs.valid_actions or []):
                     return prefix[len(start):] + [goal]
-                back = reverse_move(prefix[-1]) if prefix and (undo_last is False or len(prefix) > len(start)) else None
+                own_move = len(prefix) > len(start)  # the last move is this search's, not `start`'s
+                back = reverse_move(prefix[-1]) if prefix and (own_move or not undo_last) else None
                 nxt += [prefix + [m] for m in obs.valid_actions or [] if m.startswith("move ") and m != back]
             frontier = nxt
         return None

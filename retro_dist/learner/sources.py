@@ -24,10 +24,19 @@ def replay_batches(learner) -> Iterator[Batch]:
                              current_version=learner.version)
         if batch is None or batch.table.num_rows == 0:
             return
-        adv, base = learner.advantages(batch.table, whole_groups=True)  # LOO over the store's whole groups
-        if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
-            adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
+        adv, base = replay_advantages(learner, batch)
         yield batch.table, adv, base, False
+
+
+def replay_advantages(learner, batch) -> tuple:
+    """(A, b) of a batch sampled from the store: a leave-one-out baseline over every stored member
+    of each row's group, and A scaled by importance weights that undo a non-uniform sampler's bias
+    (Schaul et al. 2016). Shared by the sync replay source and the async loop."""
+    adv, base = learner.advantages(batch.table, whole_groups=True)
+    store = learner.store
+    if store.cfg.sampler != "uniform":
+        adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
+    return adv, base
 
 
 def fresh_batches(learner) -> Iterator[Batch]:

@@ -4,8 +4,9 @@ It never waits on a worker: it samples whatever sealed reflection rows the store
 `max_policy_lag` versions of its own (older rows are never trained on and are counted), lets the
 replay rate limiter (`samples_per_insert`) pace it against the insert rate, and publishes a new
 policy version every `updates_per_version` steps. The first `sft_iterations` versions are the
-SFT warm start: each step fits the sampled batch's positively rewarded rows (A = 1, on-policy). A plain class around `Learner`: `launch/` runs
-it inside the learner's Ray actor, tests run it in-process.
+SFT warm start: each step fits the sampled batch's positively rewarded rows (A = 1, on-policy).
+A plain class around `Learner`: `launch/` runs it inside the learner's Ray actor, tests run it
+in-process.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from retro_dist.core import staleness
-from retro_dist.core.sampling import importance_weights
+from retro_dist.learner.sources import replay_advantages
 from retro_dist.learner.update import BAD_STEP
 from retro_dist.replay.ratelimit import RateLimitedError
 
@@ -145,10 +146,7 @@ class LearnerLoop:
             stats = lrn.update(table, np.ones(table.num_rows), np.zeros(table.num_rows), on_policy=True)
         else:
             table = batch.table
-            adv, base = lrn.advantages(table, whole_groups=True)  # LOO over the store's whole groups
-            if store.cfg.sampler != "uniform":  # undo the sampler's bias (Schaul et al. 2016)
-                adv = adv * importance_weights(batch.probs, store.num_rows("reflections"))
-            stats = lrn.update(table, adv, base)
+            stats = lrn.update(table, *replay_advantages(lrn, batch))
         stats["learner/sft"] = int(sft)
         if BAD_STEP in stats:  # skipped: no step taken, nothing published
             return stats

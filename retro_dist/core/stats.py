@@ -91,17 +91,26 @@ def merge_by_game(parts: Sequence[dict], trials: int) -> dict:
 
 def learning_summary(rows: Sequence[dict], trials: int) -> Optional[dict]:
     """What a finished run shows about learning, from its metrics.jsonl rows (iterations or async
-    intervals, in order): success by trial in the first and last row that has it, and the
-    reflection reward's trend (mean over the first and the last quarter of the rows, and the
-    least-squares slope per 10 rows). None when no row has rollout metrics."""
+    intervals, in order): success by trial at the start and the end, and the reflection reward's
+    trend (mean over the first and the last quarter of the rows, and the least-squares slope per 10
+    rows). None when no row has rollout metrics.
+
+    A sync iteration is a whole batch of tasks, so the start and the end are the first and last
+    iteration. An async interval holds whatever episodes finished in its few seconds (one, at
+    times), so there they are the first and last quarter of the intervals, weighted by episodes."""
     keys = [f"rollout/success@trial{k}" for k in range(trials)]
     with_success = [r for r in rows if all(_finite(r.get(k)) for k in keys)]
     rewards = np.array([r["rollout/reflection_reward"] for r in rows if _finite(r.get("rollout/reflection_reward"))])
     if not with_success:
         return None
     step_key = "iteration" if "iteration" in with_success[0] else "interval"
-    ends = {name: {"step": r.get(step_key), "success_by_trial": [float(r[k]) for k in keys]}
-            for name, r in (("first", with_success[0]), ("last", with_success[-1]))}
+    if step_key == "iteration":
+        ends = {name: {"step": r.get(step_key), "success_by_trial": [float(r[k]) for k in keys]}
+                for name, r in (("first", with_success[0]), ("last", with_success[-1]))}
+    else:
+        q = max(1, len(with_success) // 4)
+        ends = {name: _pooled(part, keys, step_key)
+                for name, part in (("first", with_success[:q]), ("last", with_success[-q:]))}
     out = {"step_key": step_key, "rows": len(rows), **ends}
     if len(rewards) >= 2:
         q = max(1, len(rewards) // 4)
@@ -112,13 +121,25 @@ def learning_summary(rows: Sequence[dict], trials: int) -> Optional[dict]:
     return out
 
 
+def _pooled(rows: Sequence[dict], keys: list[str], step_key: str) -> dict:
+    """Success by trial over several rows, each weighted by its `rollout/episodes` (1 if absent)."""
+    w = np.array([float(r.get("rollout/episodes", 1)) for r in rows])
+    rates = np.array([[float(r[k]) for k in keys] for r in rows])
+    return {"step": [rows[0].get(step_key), rows[-1].get(step_key)], "episodes": int(w.sum()),
+            "success_by_trial": (w @ rates / w.sum()).tolist()}
+
+
 def summary_lines(s: dict) -> list[str]:
     """The learning summary as the few lines a run ends with."""
     lines = ["retro-dist: learning summary (success by trial: share of tasks solved by trial k)"]
     for name in ("first", "last"):
         e = s[name]
         by_trial = "  ".join(f"trial {k + 1} {v:.3f}" for k, v in enumerate(e["success_by_trial"]))
-        lines.append(f"  {name} {s['step_key']} ({e['step']}): {by_trial}")
+        if isinstance(e["step"], list):  # async: a quarter of the intervals, pooled
+            where = f"{s['step_key']}s {e['step'][0]}-{e['step'][1]}, {e['episodes']} episodes"
+            lines.append(f"  {name} quarter ({where}): {by_trial}")
+        else:
+            lines.append(f"  {name} {s['step_key']} ({e['step']}): {by_trial}")
     rr = s.get("reflection_reward")
     if rr:
         lines.append(f"  reflection reward (next trial's return − this one's): first {s['step_key']} "

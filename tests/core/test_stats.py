@@ -51,6 +51,20 @@ def test_learning_summary_reports_first_and_last_success_and_reward_trend():
     assert "first iteration 0.000, first 2 0.050 → last 2 0.650 (slope +1.000 per 10)" in text
 
 
+def test_async_learning_summary_pools_a_quarter_of_the_intervals_by_episodes():
+    from retro_dist.core.stats import learning_summary, summary_lines
+
+    # 8 intervals; the first holds one lucky episode, which alone must not stand for the start
+    eps = [1, 9, 10, 10, 10, 10, 2, 8]
+    succ = [1.0, 0.0, 0.2, 0.3, 0.3, 0.3, 0.0, 0.5]
+    rows = [{"interval": i, "rollout/episodes": e, "rollout/success@trial0": v}
+            for i, (e, v) in enumerate(zip(eps, succ))]
+    s = learning_summary(rows, trials=1)
+    assert s["first"] == {"step": [0, 1], "episodes": 10, "success_by_trial": [pytest.approx(0.1)]}
+    assert s["last"] == {"step": [6, 7], "episodes": 10, "success_by_trial": [pytest.approx(0.4)]}
+    assert "first quarter (intervals 0-1, 10 episodes): trial 1 0.100" in "\n".join(summary_lines(s))
+
+
 def test_learning_summary_of_a_run_without_rollouts_is_none():
     from retro_dist.core.stats import learning_summary
 
@@ -58,4 +72,4 @@ def test_learning_summary_of_a_run_without_rollouts_is_none():
     nan = float("nan")  # an async interval in which no episode finished
     s = learning_summary([{"interval": 0, "rollout/success@trial0": nan},
                           {"interval": 1, "rollout/success@trial0": 0.25}], trials=1)
-    assert s["first"]["step"] == 1 and "reflection_reward" not in s
+    assert s["first"]["step"] == [1, 1] and "reflection_reward" not in s

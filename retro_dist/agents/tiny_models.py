@@ -11,7 +11,7 @@ from pathlib import Path
 
 from retro_dist.agents import prompts
 
-# vLLM's CPU attention kernels reject head_dim 16; 64 works (ENVIRONMENT.md).
+# vLLM's CPU attention kernels reject head_dim 16; 64 works (seen on this project's CPU machines).
 TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=64,
                   max_position_embeddings=2048, tie_word_embeddings=False)

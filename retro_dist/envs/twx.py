@@ -163,8 +163,9 @@ class TwxFamily:
     def oracle_plan(self, task: Task, prefix: tuple[str, ...] | list[str] = (),
                     max_depth: int = 5) -> Optional[list[str]]:
         """Shortest plan from the state after `prefix`, by breadth-first search over moves (the
-        game's gold path can wander: ENVIRONMENT.md). `coin`: walk until `take coin` is valid.
-        `mapreader`: walk to the coin, take it, and walk back the same way to put it in the box.
+        game's gold path can wander through rooms off the shortest route). `coin`: walk until
+        `take coin` is valid. `mapreader`: walk to the coin, take it, and walk back the same way to
+        put it in the box.
         Other games use the gold path (from the start only)."""
         env = self._env()
         prefix = list(prefix)

@@ -1,4 +1,4 @@
-"""Multi-trial episodes (DESIGN §1), stepped in lockstep so backends see batched prompts.
+"""Multi-trial episodes (README "What a run does"), stepped in lockstep so backends see batched prompts.
 
 For each task: trial k runs the actor with the last M reflections in its prompt; if the trial
 failed and another trial follows, the reflector writes y_k from (τ_k, G_k, earlier reflections);

@@ -181,7 +181,8 @@ def aggregate(camp: Campaign) -> dict:
                 gap = rep["arms"]["oracle"][-1] - rep["arms"]["initial"][-1]
                 row["gap_closed"] = m / gap if gap > 0 else None
             if "games" in rep and len(set(rep["games"])) > 1:
-                row["by_game"] = {g: dict(zip(("mean", "lo", "hi"), paired_gain(rep, "trained", "initial", g)))
+                row["by_game"] = {g: {**dict(zip(("mean", "lo", "hi"), paired_gain(rep, "trained", "initial", g))),
+                                      "final": {a: rates[-1] for a, rates in rep["by_game"][g].items()}}
                                   for g in sorted(set(rep["games"]))}
         row["train"] = training_figures(camp.folder / run.name / "metrics.jsonl")
         rows.append(row)
@@ -232,6 +233,13 @@ def campaign_markdown(summary: dict, ev: dict) -> str:
                           for k in ("advantage_var", "reflection_reward_last_quarter"))
         lines.append(f"| {r['run']} | " + " | ".join(f"{r['final'].get(a, float('nan')):.3f}" for a in arms)
                      + f" | {gain} | {closed} | {figs} |")
+    per_game = [(r["run"], g, v) for r in summary["runs"] for g, v in r.get("by_game", {}).items()]
+    if per_game:
+        lines += ["", f"By game: success by trial {ev['trials']}.", "",
+                  "| run | game | " + " | ".join(arms) + " | trained − initial |",
+                  "|---|---|" + "---|" * (len(arms) + 1)]
+        lines += [f"| {run} | {g} | " + " | ".join(f"{v['final'].get(a, float('nan')):.3f}" for a in arms)
+                  + f" | {v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] |" for run, g, v in per_game]
     if summary["gain_mean"] is not None:
         sd = f" ± {summary['gain_sd']:.3f} (sd)" if summary["gain_sd"] is not None else ""
         closed = (f"; gap to oracle closed {summary['gap_closed_mean']:.2f} on average"

@@ -70,3 +70,28 @@ def test_training_figures_read_the_rl_rows_and_the_last_quarter(tmp_path):
     assert figs["reflection_reward_last_quarter"] == pytest.approx(0.065)  # iterations 6 and 7
     assert figs["kl_last_quarter"] == pytest.approx(0.5) and figs["rows"] == 8
     assert training_figures(tmp_path / "missing.jsonl") == {}
+
+
+def test_aggregate_breaks_a_mix_of_games_down_per_game(tmp_path):
+    from types import SimpleNamespace
+
+    from retro_dist.launch.campaign import aggregate
+    from retro_dist.launch.evaluate import _report
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: mix\noutput_dir: {tmp_path}\nconfigs: [configs/test.yaml]\n"
+                    "eval: {tasks: 8, trials: 2, split: test, arms: [initial, trained]}\n")
+    camp = load_spec(str(spec))
+    # 8 tasks alternating coin / mapreader; trained solves every coin task by trial 2, none more on mapreader
+    tasks = [SimpleNamespace(env_name=g, task_id=f"{g}/{i}", seed=i)
+             for i, g in enumerate(["twx/coin", "twx/mapreader"] * 4)]
+    first = {"initial": [0, None, None, 1, None, None, 0, 0], "trained": [0, None, 1, 1, 1, None, 0, 0]}
+    out = camp.folder / camp.runs[0].name / "eval-test"
+    out.mkdir(parents=True)
+    (out / "eval.json").write_text(json.dumps(_report(first, tasks, 2, "test", None, 1.0)))
+    by_game = aggregate(camp)["runs"][0]["by_game"]
+    assert by_game["twx/coin"]["final"] == {"initial": 0.5, "trained": 1.0}
+    assert by_game["twx/coin"]["mean"] == pytest.approx(0.5)
+    assert by_game["twx/mapreader"]["mean"] == 0.0 and by_game["twx/mapreader"]["final"]["trained"] == 0.5
+    md = (camp.folder / "campaign.md").read_text()
+    assert "| twx/coin | 0.500 | 1.000 | +0.500 [" in md and "| twx/mapreader | 0.500 | 0.500 | +0.000 [" in md

@@ -16,6 +16,16 @@ ASYNC_ONLY = ("run.updates", "run.log_every_s", "rollout.concurrent_episodes", "
               "learner.max_policy_lag", "learner.updates_per_version")
 
 
+def without_other_mode(resolved: dict, mode: str) -> dict:
+    """A resolved config (nested dict) without the keys of the mode it does not run, so the saved
+    config.yaml loads again as it is (`retro-dist eval --config <run>/config.yaml`)."""
+    out = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in resolved.items()}
+    for dotted in (ASYNC_ONLY if mode == "sync" else SYNC_ONLY):
+        section, key = dotted.split(".")
+        out.get(section, {}).pop(key, None)
+    return out
+
+
 def _at_least(value, low, key: str) -> None:
     if value < low:
         raise ConfigError(f"{key} must be >= {low}, got {value}")

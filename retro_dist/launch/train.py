@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from retro_dist.config import Config, ConfigError, as_dict
+from retro_dist.config_rules import without_other_mode
 from retro_dist.core.stats import learning_summary, merge_by_game, summary_lines
 from retro_dist.launch.logs import RunLogs
 from retro_dist.launch.metrics import MetricsLogger
@@ -56,13 +57,14 @@ def prepare_run_dir(cfg: Config) -> Path:
                           f"or pick another run.name")
     saved = location.join(where, "config.yaml")
     if cfg.run.resume and location.exists(saved):
-        old, new = yaml.safe_load(location.read_file(saved)), as_dict(cfg)
+        old = yaml.safe_load(location.read_file(saved))
+        new = without_other_mode(as_dict(cfg), cfg.run.mode)
         for section, key in RESUME_KEYS:
-            if old.get(section, {}).get(key) != new[section][key]:
+            if old.get(section, {}).get(key) != new[section].get(key):
                 raise ConfigError(f"run.resume: {section}.{key} was {old.get(section, {}).get(key)!r} in "
-                                  f"{location.redact(saved)}, now {new[section][key]!r}; a resumed run must keep it")
+                                  f"{location.redact(saved)}, now {new[section].get(key)!r}; a resumed run must keep it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = as_dict(cfg)
+    resolved = without_other_mode(as_dict(cfg), cfg.run.mode)
     resolved["run"]["output_dir"] = location.redact(cfg.run.output_dir)
     location.write_file_once(saved, yaml.safe_dump(resolved, sort_keys=False).encode())
     if not location.is_local(where):

@@ -23,3 +23,19 @@ def test_resume_continues_and_refuses_changed_keys(tmp_path, in_repo, tiny_model
     assert [r["iteration"] for r in rows] == [0, 1]  # iteration 0 not redone
     assert rows[1]["rollout/policy_versions"] == [1] and rows[1]["learner/version"] == 2
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["000001", "000002"]
+
+
+@pytest.mark.parametrize("mode,path", [("sync", "configs/test.yaml"), ("async", "configs/retro-coin-async.yaml")])
+def test_a_saved_config_loads_again_as_it_is(tmp_path, in_repo, mode, path):
+    """`retro-dist eval --config <run>/config.yaml`: the saved config must not carry the other
+    mode's keys (an async run's used to hold run.iterations, and failed to load)."""
+    from retro_dist.config import as_dict
+    from retro_dist.config_rules import without_other_mode
+    from retro_dist.launch.train import prepare_run_dir
+
+    cfg = load_config(path, [f"run.output_dir={tmp_path}"])
+    run_dir = prepare_run_dir(cfg)
+    again = load_config(str(run_dir / "config.yaml"))
+    assert without_other_mode(as_dict(again), mode) == without_other_mode(as_dict(cfg), mode)
+    assert again.run.mode == mode
+    prepare_run_dir(load_config(path, [f"run.output_dir={tmp_path}", "run.resume=true"]))  # resume compares against it

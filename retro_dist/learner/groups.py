@@ -113,9 +113,15 @@ class GroupIndex:
         self.table = table
         self.totals = _Totals()
         self._segments: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # path -> its totals
+        self._seen = None  # the store's held_version at the last walk
 
     def sync(self, store) -> int:
-        """Fold in the store's segments not seen yet, drop evicted ones; returns segments folded in."""
+        """Fold in the store's segments not seen yet, drop evicted ones; returns segments folded in.
+        Called every learner step: while the store holds the same segments it walks none of them."""
+        version = store.held_version(self.table)
+        if version == self._seen:
+            return 0
+        self._seen = version
         held = store.held_segments(self.table)
         paths = {path for path, _ in held}
         for gone in [p for p in self._segments if p not in paths]:

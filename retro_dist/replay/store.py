@@ -219,6 +219,11 @@ class ReplayStore:
         fold in the paths they have not seen (learner/groups.py)."""
         return [(s.entry.rel_path, s.batches) for s in self._view(table).segs]
 
+    def held_version(self, table: str) -> int:
+        """A number that changes whenever `table`'s held segments change (a seal folded in, a
+        segment evicted): an index kept beside the store skips its walk while it is the same."""
+        return self._view(table).version
+
     def rows_below_version(self, table: str, version: int) -> int:
         """Rows held in `table` with policy_version < `version` (0 for a table without one).
 

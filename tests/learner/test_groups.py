@@ -80,10 +80,14 @@ def test_sync_folds_in_new_segments_only_and_drops_evicted_ones(tmp_path):
     store = ReplayStore(root, ReplayConfig(min_size_to_sample=1, retention_rows=48))
     index = GroupIndex(None)
     assert index.sync(store) == 2 and index.sync(store) == 0  # nothing new: nothing read
+    walks = []
+    held = store.held_segments
+    store.held_segments = lambda table: walks.append(table) or held(table)
+    assert index.sync(store) == 0 and walks == []  # same held segments: no walk over them
     _write(root, "w1", _rows(32, seed=2, start=0, version=1))
     store.refresh()  # 64 rows > retention 48: the oldest 16-row segment is evicted
     assert store.num_rows("reflections") == 48
-    assert index.sync(store) == 2
+    assert index.sync(store) == 2 and walks == ["reflections"]
     batch = store.read("reflections")
     sums, counts = index.lookup(batch)
     totals = _brute_force(store, None)

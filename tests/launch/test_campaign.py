@@ -95,3 +95,16 @@ def test_aggregate_breaks_a_mix_of_games_down_per_game(tmp_path):
     assert by_game["twx/mapreader"]["mean"] == 0.0 and by_game["twx/mapreader"]["final"]["trained"] == 0.5
     md = (camp.folder / "campaign.md").read_text()
     assert "| twx/coin | 0.500 | 1.000 | +0.500 [" in md and "| twx/mapreader | 0.500 | 0.500 | +0.000 [" in md
+
+
+def test_shipped_campaign_specs_load_with_their_configs():
+    from pathlib import Path
+
+    from retro_dist.config import load_config
+
+    specs = sorted(Path("configs/campaigns").glob("*.yaml"))
+    assert len(specs) >= 6
+    for path in specs:
+        camp = load_spec(str(path))  # unknown keys in the spec or its eval section raise
+        for run in camp.runs:
+            load_config(run.config, run.overrides)  # each run's config with its grid point applied

@@ -226,26 +226,33 @@ def campaign_markdown(summary: dict, ev: dict) -> str:
              "|---|" + "---|" * (len(arms) + 4)]
     for r in summary["runs"]:
         g = r.get("gain")
-        gain = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g else "-"
+        gain = _interval(g["mean"], *g["ci95"]) if g else "-"
         closed = f"{r['gap_closed']:.2f}" if r.get("gap_closed") is not None else "-"
         t = r.get("train") or {}
         figs = " | ".join(f"{t[k]:.4f}" if t.get(k) is not None else "-"
                           for k in ("advantage_var", "reflection_reward_last_quarter"))
-        lines.append(f"| {r['run']} | " + " | ".join(f"{r['final'].get(a, float('nan')):.3f}" for a in arms)
-                     + f" | {gain} | {closed} | {figs} |")
+        lines.append(f"| {r['run']} | {_rates(r['final'], arms)} | {gain} | {closed} | {figs} |")
     per_game = [(r["run"], g, v) for r in summary["runs"] for g, v in r.get("by_game", {}).items()]
     if per_game:
         lines += ["", f"By game: success by trial {ev['trials']}.", "",
                   "| run | game | " + " | ".join(arms) + " | trained − initial |",
                   "|---|---|" + "---|" * (len(arms) + 1)]
-        lines += [f"| {run} | {g} | " + " | ".join(f"{v['final'].get(a, float('nan')):.3f}" for a in arms)
-                  + f" | {v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] |" for run, g, v in per_game]
+        lines += [f"| {run} | {g} | {_rates(v['final'], arms)} | {_interval(v['mean'], v['lo'], v['hi'])} |"
+                  for run, g, v in per_game]
     if summary["gain_mean"] is not None:
         sd = f" ± {summary['gain_sd']:.3f} (sd)" if summary["gain_sd"] is not None else ""
         closed = (f"; gap to oracle closed {summary['gap_closed_mean']:.2f} on average"
                   if summary["gap_closed_mean"] is not None else "")
         lines += ["", f"Mean gain over runs: {summary['gain_mean']:+.3f}{sd}{closed}."]
     return "\n".join(lines) + "\n"
+
+
+def _rates(final: dict, arms: list[str]) -> str:
+    return " | ".join(f"{final.get(a, float('nan')):.3f}" for a in arms)
+
+
+def _interval(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _plot(summary: dict, path: Path) -> None:

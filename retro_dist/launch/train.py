@@ -56,15 +56,14 @@ def prepare_run_dir(cfg: Config) -> Path:
         raise ConfigError(f"run folder {shown} already exists; set run.resume=true to continue it "
                           f"or pick another run.name")
     saved = location.join(where, "config.yaml")
+    resolved = without_other_mode(as_dict(cfg), cfg.run.mode)  # what config.yaml holds
     if cfg.run.resume and location.exists(saved):
-        old = yaml.safe_load(location.read_file(saved))
-        new = without_other_mode(as_dict(cfg), cfg.run.mode)
+        old, new = yaml.safe_load(location.read_file(saved)), resolved
         for section, key in RESUME_KEYS:
             if old.get(section, {}).get(key) != new[section].get(key):
                 raise ConfigError(f"run.resume: {section}.{key} was {old.get(section, {}).get(key)!r} in "
                                   f"{location.redact(saved)}, now {new[section].get(key)!r}; a resumed run must keep it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = without_other_mode(as_dict(cfg), cfg.run.mode)
     resolved["run"]["output_dir"] = location.redact(cfg.run.output_dir)
     location.write_file_once(saved, yaml.safe_dump(resolved, sort_keys=False).encode())
     if not location.is_local(where):

@@ -170,7 +170,8 @@ def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
     Reads each string 8 bytes at a time through an overlapping (stride 1) uint64 view, masks
     the bytes past its end, and mixes words and length splitmix-style; two distinct keys
-    collide with probability ~2^-64 per pair.
+    collide with probability ~2^-64 per pair. A string's hash depends on that string alone:
+    it takes one round per 8 of its own bytes, whatever the longest string beside it.
     """
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
@@ -188,10 +189,11 @@ def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
         word = words[np.minimum(start + j, words.size - 1)]
         word &= np.where(left >= 8, np.uint64(0xFFFFFFFFFFFFFFFF),
                          (np.uint64(1) << (left * np.uint64(8))) - np.uint64(1))
-        h = (h ^ word) * _HASH_MULT
-        h ^= h >> np.uint64(31)
-        h *= _HASH_MIX
-        h ^= h >> np.uint64(29)
+        mixed = (h ^ word) * _HASH_MULT
+        mixed ^= mixed >> np.uint64(31)
+        mixed *= _HASH_MIX
+        mixed ^= mixed >> np.uint64(29)
+        h = np.where(lens > j, mixed, h)  # strings that ended before byte j are done
     return h
 
 

@@ -20,10 +20,10 @@ from retro_dist.replay.writer import ReplayWriter
 pytestmark = pytest.mark.component
 
 
-def _rows(n, seed, start, version, tasks=5, trials=2):
+def _rows(n, seed, start, version, tasks=5, trials=2, game="twx/coin", first_task=0):
     g = np.random.default_rng(seed)
     return [ReflectionSample(key=make_key("t", seed, start + i, 0), run_id="t", worker_id=seed, episode_id=start + i,
-                             task_id=f"twx/coin/train/{g.integers(tasks)}", env_name="twx/coin",
+                             task_id=f"{game}/train/{first_task + g.integers(tasks)}", env_name=game,
                              trial=int(g.integers(trials)), prompt_ids=[5, 6, 7], reflection_ids=[8, 9],
                              behaviour_logprobs=[-1.0, -1.0], reflection_text="", return_before=0.0,
                              return_after=0.0, reward=float(g.normal()), policy_version=version)
@@ -72,6 +72,25 @@ def test_each_sampled_row_gets_its_whole_stored_group(tmp_path, window):
     others = (sums - np.asarray(cols["reward"])) / np.maximum(counts - 1, 1)
     assert np.allclose(b[grouped], others[grouped]) and np.all(b[~grouped] == 7.0)
     assert grouped.mean() > 0.8  # 5 tasks x 2 trials per version: almost no row is alone
+
+
+def test_groups_of_a_mix_of_games_match_whatever_rows_a_batch_holds(tmp_path):
+    # Segments of one game each, batches of both: task ids of 18 and 25 bytes. The groups of the
+    # short ids were lost in every batch that also held a long one (retro-mix, from version ~45).
+    root = str(tmp_path / "replay")
+    _write(root, "coin", _rows(40, seed=1, start=0, version=0))
+    _write(root, "map", _rows(40, seed=2, start=0, version=0, game="twx/mapreader", first_task=100))
+    store = ReplayStore(root, ReplayConfig(min_size_to_sample=1))
+    index = GroupIndex(2)
+    index.sync(store)
+    table = store.read("reflections")
+    sums, counts = index.lookup(table)
+    totals = _brute_force(store, 2)
+    cols = table.to_pydict()
+    assert len({len(t) for t in cols["task_id"]}) > 1
+    for i in range(table.num_rows):
+        s, c = totals(cols["task_id"][i], cols["trial"][i], cols["policy_version"][i])
+        assert counts[i] == c and sums[i] == pytest.approx(s)
 
 
 def test_sync_folds_in_new_segments_only_and_drops_evicted_ones(tmp_path):

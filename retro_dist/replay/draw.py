@@ -30,15 +30,35 @@ class Cumulative:
 
     def search(self, targets: np.ndarray) -> np.ndarray:
         """(n,) int64: np.searchsorted(values, targets, side="right"), for targets < total."""
+        return self._locate(targets)[0]
+
+    def _locate(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, block start, each target's block of BLOCK cumulative weights (n, BLOCK))."""
         lo = np.searchsorted(self._coarse, targets, side="right") * BLOCK
-        return lo + (self._blocks[lo] <= targets[:, None]).sum(axis=1)
+        block = self._blocks[lo]
+        return lo + (block <= targets[:, None]).sum(axis=1), lo, block
 
     def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows (n,) int64, each drawn row's probability (n,)) by inverse-CDF sampling."""
+        """(rows (n,) int64, each drawn row's probability (n,)) by inverse-CDF sampling.
+
+        A row's probability is values[row] - values[row - 1]; both lie in the block the search
+        already read (or, for a block's first row, values[row - 1] is the previous block's last
+        weight, in the small coarse index), so a draw reads no further scattered line."""
         m = self.values.size
-        rows = np.minimum(self.search(rng.random(n) * self.total), m - 1)
-        below = np.where(rows > 0, self.values[np.maximum(rows - 1, 0)], 0.0)
-        return rows, (self.values[rows] - below) / self.total
+        rows, lo, block = self._locate(rng.random(n) * self.total)
+        k = rows - lo  # < BLOCK: a block's last weight (or its +inf padding) exceeds its targets
+        at = np.arange(n)
+        below = block[at, np.maximum(k - 1, 0)]
+        first = k == 0
+        below[first] = 0.0
+        first &= lo > 0
+        below[first] = self._coarse[lo[first] // BLOCK - 1]
+        probs = (block[at, k] - below) / self.total
+        past = rows >= m  # a target rounded up to the total: the last row
+        if past.any():
+            rows[past] = m - 1
+            probs[past] = (self.values[-1] - (self.values[-2] if m > 1 else 0.0)) / self.total
+        return rows, probs
 
 
 __all__ = ["Cumulative", "BLOCK"]

@@ -24,6 +24,32 @@ def test_search_equals_searchsorted(weights, seed):
     np.testing.assert_array_equal(c.search(targets), np.searchsorted(c.values, targets, "right"))
 
 
+@given(st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.0]), min_size=1, max_size=3 * BLOCK + 5),
+       st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_draw_probabilities_are_each_rows_weight_share(weights, seed):
+    weights = np.array(weights)
+    if weights.sum() == 0:
+        weights[0] = 1.0
+    c = Cumulative(weights.copy())
+    rows, probs = c.draw(np.random.default_rng(seed), 300)
+    assert weights[rows].min() > 0
+    np.testing.assert_allclose(probs, weights[rows] / weights.sum(), rtol=1e-12, atol=1e-15)
+
+
+class _Top:  # a generator whose every draw rounds up to the total: the last row, its own share
+    def random(self, n):
+        return np.full(n, 1.0)
+
+
+def test_a_target_at_the_total_draws_the_last_row():
+    for m in (BLOCK, 2 * BLOCK, 70):
+        weights = np.arange(1.0, m + 1)
+        rows, probs = Cumulative(weights).draw(_Top(), 3)
+        assert rows.tolist() == [m - 1] * 3
+        np.testing.assert_allclose(probs, m / weights.sum())
+
+
 def test_draw_frequencies_and_probabilities():
     weights = np.array([0.0, 1.0, 0.0, 3.0] * 50)  # zero-weight rows are never drawn
     rows, probs = Cumulative(weights).draw(np.random.default_rng(0), 40_000)

@@ -2,9 +2,13 @@
 
 `np.searchsorted` over the cumulative weights of 10M rows (80 MB) probes ~23 scattered cache
 lines per draw, most of them TLB misses: ~330 us for a batch of 256 on this project's machine,
-half the cost of gathering the batch's rows. `Cumulative` keeps a coarse index (every
-BLOCK-th cumulative weight, 1/64 of the size) for the binary search, then finds the row inside
-its block by comparing the block's 64 weights at once (one contiguous 512-byte read per draw).
+half the cost of gathering the batch's rows. `Cumulative` uses a guide table instead (Chen and
+Asau's indexed search for inverse-transform sampling): entry j is the first row whose cumulative
+weight exceeds j/K of the total, for K = M/BLOCK. A target's guide entry names a row at or before
+its answer, and the answer is almost always within the next BLOCK rows: one read of the guide
+and one contiguous read of BLOCK + 1 cumulative weights per draw, which also hold the two weights
+whose difference is the row's probability. Draws whose answer lies further on (long runs of
+near-zero weights) fall back to a binary search.
 """
 from __future__ import annotations
 
@@ -18,47 +22,51 @@ class Cumulative:
 
     def __init__(self, weights: np.ndarray) -> None:
         m = weights.size
-        pad = (-m) % BLOCK + BLOCK  # +inf past the end: a block's window never leaves the array
-        self._padded = np.empty(m + pad, np.float64)
-        np.cumsum(weights, out=self._padded[:m])
-        self._padded[m:] = np.inf
-        self.values = self._padded[:m]  # (M,) the cumulative weights themselves
+        # [0, c_0 .. c_{M-1}, +inf x BLOCK]: the window of BLOCK + 1 weights from any start
+        # never leaves the array, and its first entry is the weight before the start
+        self._padded = np.empty(m + 1 + BLOCK, np.float64)
+        self._padded[0] = 0.0
+        np.cumsum(weights, out=self._padded[1:m + 1])
+        self._padded[m + 1:] = np.inf
+        self.values = self._padded[1:m + 1]  # (M,) the cumulative weights themselves
         self.total = float(self.values[-1]) if m else 0.0
-        self._coarse = self._padded[BLOCK - 1:m:BLOCK].copy()  # last weight of each full block
-        self._blocks = np.lib.stride_tricks.as_strided(
-            self._padded, (self._padded.size - BLOCK + 1, BLOCK), (8, 8), writeable=False)
+        self._k = max(1, m // BLOCK)
+        self._guide = np.searchsorted(self.values, np.arange(self._k) * (self.total / self._k),
+                                      side="right")
+        self._windows = np.lib.stride_tricks.as_strided(
+            self._padded, (m + 1, BLOCK + 1), (8, 8), writeable=False)
 
     def search(self, targets: np.ndarray) -> np.ndarray:
         """(n,) int64: np.searchsorted(values, targets, side="right"), for targets < total."""
         return self._locate(targets)[0]
 
-    def _locate(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, block start, each target's block of BLOCK cumulative weights (n, BLOCK))."""
-        lo = np.searchsorted(self._coarse, targets, side="right") * BLOCK
-        block = self._blocks[lo]
-        return lo + (block <= targets[:, None]).sum(axis=1), lo, block
+    def _locate(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, each row's weight) for targets in [0, total)."""
+        j = np.minimum((targets * (self._k / self.total)).astype(np.int64), self._k - 1)
+        start = self._guide[j]
+        w = self._windows[start]  # (n, BLOCK + 1): weight before `start`, then BLOCK weights
+        k = (w[:, 1:] <= targets[:, None]).sum(axis=1)
+        at = np.arange(targets.size)
+        rows = start + k
+        weight = w[at, np.minimum(k + 1, BLOCK)] - w[at, k]
+        # rounding can put a target just before its guide entry's row; a long run of
+        # near-zero weights can put the answer past the window: those search the whole array
+        off = (w[:, 0] > targets) | (k == BLOCK)
+        if off.any():
+            r = np.searchsorted(self.values, targets[off], side="right")
+            rows[off] = r
+            weight[off] = self._padded[r + 1] - self._padded[r]
+        return rows, weight
 
     def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows (n,) int64, each drawn row's probability (n,)) by inverse-CDF sampling.
-
-        A row's probability is values[row] - values[row - 1]; both lie in the block the search
-        already read (or, for a block's first row, values[row - 1] is the previous block's last
-        weight, in the small coarse index), so a draw reads no further scattered line."""
+        """(rows (n,) int64, each drawn row's probability (n,)) by inverse-CDF sampling."""
         m = self.values.size
-        rows, lo, block = self._locate(rng.random(n) * self.total)
-        k = rows - lo  # < BLOCK: a block's last weight (or its +inf padding) exceeds its targets
-        at = np.arange(n)
-        below = block[at, np.maximum(k - 1, 0)]
-        first = k == 0
-        below[first] = 0.0
-        first &= lo > 0
-        below[first] = self._coarse[lo[first] // BLOCK - 1]
-        probs = (block[at, k] - below) / self.total
+        rows, weight = self._locate(rng.random(n) * self.total)
         past = rows >= m  # a target rounded up to the total: the last row
         if past.any():
             rows[past] = m - 1
-            probs[past] = (self.values[-1] - (self.values[-2] if m > 1 else 0.0)) / self.total
-        return rows, probs
+            weight[past] = self._padded[m] - self._padded[m - 1]
+        return rows, weight / self.total
 
 
 __all__ = ["Cumulative", "BLOCK"]

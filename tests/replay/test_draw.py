@@ -37,6 +37,18 @@ def test_draw_probabilities_are_each_rows_weight_share(weights, seed):
     np.testing.assert_allclose(probs, weights[rows] / weights.sum(), rtol=1e-12, atol=1e-15)
 
 
+def test_answers_past_the_guide_window_fall_back_to_a_full_search():
+    # 1, then 5 blocks of zeros, then 1: every target >= 1 lands more than BLOCK rows after its
+    # guide entry; and a heavy-tailed mix, where guide entries sit far apart
+    for weights in (np.array([1.0] + [0.0] * (5 * BLOCK) + [1.0]),
+                    np.random.default_rng(1).pareto(0.5, 20 * BLOCK)):
+        c = Cumulative(weights.copy())
+        targets = np.random.default_rng(2).random(5000) * c.total
+        np.testing.assert_array_equal(c.search(targets), np.searchsorted(c.values, targets, "right"))
+        rows, probs = c.draw(np.random.default_rng(3), 2000)
+        np.testing.assert_allclose(probs, weights[rows] / weights.sum(), rtol=1e-9)
+
+
 class _Top:  # a generator whose every draw rounds up to the total: the last row, its own share
     def random(self, n):
         return np.full(n, 1.0)

@@ -37,9 +37,26 @@ def episode_group(worker_id: int, num_workers: int, n: int) -> int:
     return n * num_workers + worker_id
 
 
+def group_task(group: int, num_workers: int, num_games: int) -> int:
+    """Index into the task mix (`TaskMix.take`: games round-robin, then in order) of the task a
+    streaming worker's group plays.
+
+    Every worker cycles through the games: its n-th group plays game (n + worker) % num_games, at
+    that game's next position among those kept for this worker (position ≡ worker mod num_workers),
+    so every task of every game is played once across the workers. Reading the group number as the
+    mix index would not: with 2 workers and 2 games, worker 0 would only ever play game 0 and worker
+    1 game 1, and the game with the faster episodes would fill the store. One game: the group itself.
+    """
+    n, worker = divmod(group, num_workers)
+    game = (n + worker) % num_games
+    turn = (n - (game - worker) % num_games) // num_games  # earlier groups of this game, this worker
+    return (turn * num_workers + worker) * num_games + game
+
+
 def group_episode_ids(group: int, repeats: int) -> list[int]:
-    """Episode ids of one group: `repeats` episodes of the same task (task index = id // repeats),
-    side by side, for the leave-one-out baseline — the same numbering the synchronous loop uses."""
+    """Episode ids of one group: `repeats` episodes of the same task, side by side, for the
+    leave-one-out baseline — the same numbering the synchronous loop uses (its task index is
+    id // repeats; a streaming group plays task `group_task(group, ...)`)."""
     return list(range(group * repeats, (group + 1) * repeats))
 
 

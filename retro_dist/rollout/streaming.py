@@ -146,7 +146,8 @@ class StreamingWorker:
             group = staleness.episode_group(s.worker_id, max(1, s.num_workers), self._next_group)
             self._next_group += 1
             ids = staleness.group_episode_ids(group, r.repeats_per_task)
-        (task,) = self.tasks.take(group, 1)
+        index = staleness.group_task(group, max(1, s.num_workers), len(self.tasks.games))
+        (task,) = self.tasks.take(index, 1)
         return [(task, e, s.seed * 7919 + e) for e in ids]
 
     def _on_done(self, job, out) -> None:

@@ -34,3 +34,18 @@ def test_async_run_streams_and_bounds_staleness(tmp_path, in_repo, tiny_model):
     store = ReplayStore(str(run_dir / "replay"), ReplayConfig())
     assert store.num_rows("trials") == sum(r["rollout/trials"] for r in rows)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == f"{rows[-1]['learner/version']:06d}"
+
+
+def test_every_async_worker_plays_every_game_of_a_mix(tmp_path, in_repo, tiny_model):
+    """2 workers x 2 games: each worker's groups alternate games. (Reading the group number as the
+    mix index gave worker 0 only coin and worker 1 only mapreader, so the faster game filled the
+    store: 5,923 coin episodes to 875 mapreader ones in a 21-minute run.)"""
+    cfg = load_config("configs/test-async.yaml", [
+        f"run.output_dir={tmp_path}", f"actor.model={tiny_model}", f"reflector.model={tiny_model}",
+        "rollout.num_workers=2", "rollout.concurrent_episodes=4", "rollout.repeats_per_task=2",
+        "env.games=[twx/coin, twx/mapreader]",
+        "env.game_params='coin: numLocations=4,includeDoors=0; mapreader: numLocations=4,includeDoors=0'"])
+    run_dir = train(cfg)
+    trials = ReplayStore(str(run_dir / "replay"), ReplayConfig()).read("trials")
+    played = {(w, g) for w, g in zip(trials["worker_id"].to_pylist(), trials["env_name"].to_pylist())}
+    assert played == {(w, g) for w in (0, 1) for g in ("twx/coin", "twx/mapreader")}

@@ -4,7 +4,9 @@
                                 [--sample-only]
 
 Rows are reflection-sized (64 prompt ids, 32 reflection ids, 32 log-probs, ~130 chars of text,
-~747 B), built column-wise so the generator never dominates the timings. The big store
+~747 B), built column-wise so the generator never dominates the timings. As in a run, run_id,
+worker_id and env_name (one game) hold one value per segment, and policy_version rises slowly
+(one value in most segments); trial, task_id, keys and the rest vary from row to row. The big store
 (`--rows`, written once) is sampled by child processes, so its peak RSS (VmHWM, file pages
 included) is the reader's alone. TorchRL's LazyMemmapStorage + RandomSampler is filled with
 rows of the same size by one child and reopened from disk by another, which samples at the
@@ -63,7 +65,7 @@ def iter_batches(n_rows: int, worker: int = 0, m: int = BATCH_ROWS, versions: in
     shared = {
         "run_id": pa.array(["bench"] * m), "worker_id": pa.array(np.full(m, worker)),
         "task_id": pa.array([f"task{i % 100}" for i in range(m)]),
-        "env_name": pa.array(["alfworld"] * m), "trial": pa.array(np.zeros(m, np.int64)),
+        "env_name": pa.array(["alfworld"] * m), "trial": pa.array(rng.integers(0, 2, m)),
         "prompt_ids": _lists(m, 64, rng.integers(0, 32000, 64 * m).astype(np.int32)),
         "reflection_ids": _lists(m, 32, rng.integers(0, 32000, 32 * m).astype(np.int32)),
         "behaviour_logprobs": _lists(m, 32, -rng.random(32 * m).astype(np.float32)),
@@ -72,7 +74,7 @@ def iter_batches(n_rows: int, worker: int = 0, m: int = BATCH_ROWS, versions: in
                                      for i in range(m)]),
         "return_before": pa.array(np.zeros(m)), "return_after": pa.array(rng.random(m)),
         "reward": pa.array(rng.choice([-1.0, 0.0, 0.5, 1.0], m)),
-        "created_at": pa.array(np.full(m, time.time())),
+        "created_at": pa.array(time.time() + np.arange(m) * 1e-3),
     }
     for start in range(0, n_rows, m):
         n = min(m, n_rows - start)

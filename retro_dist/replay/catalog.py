@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
+import pyarrow.types as pt
 
 from retro_dist.core.records import SCHEMAS
 from retro_dist.replay.gather import check_offsets
@@ -56,6 +57,28 @@ def parse_own_segment(writer_id: str, filename: str) -> Optional[tuple[int, bool
     return (int(m.group(1)), m.group(2) is not None) if m else None
 
 
+def constant_values(batch: pa.RecordBatch, before: Optional[dict]) -> dict:
+    """{column: value} of the columns whose every row of `batch` holds one non-null value, kept to
+    those holding the same value in `before` (the segment's earlier batches; None for its first).
+
+    Integer, bool, string and binary columns only: floats could hold -0.0 beside 0.0 or NaNs,
+    which compare equal or unordered but are not the same bytes.
+    """
+    out = {}
+    for name in batch.schema.names if before is None else before:
+        col = batch.column(name)
+        t = col.type
+        if not (pt.is_integer(t) or pt.is_boolean(t) or pt.is_string(t) or pt.is_binary(t)):
+            continue
+        if col.null_count or not len(col):
+            continue
+        mm = pc.min_max(col)
+        value = mm["min"].as_py()
+        if value == mm["max"].as_py() and (before is None or before[name] == value):
+            out[name] = value
+    return out
+
+
 @dataclass
 class SegmentEntry:
     """One sealed segment as recorded in its writer's catalog."""
@@ -69,6 +92,9 @@ class SegmentEntry:
     sealed_at: float  # unix seconds
     min_version: Optional[int] = None  # policy_version range of its rows, when the table has one
     max_version: Optional[int] = None
+    # columns whose rows all hold one value (run_id, worker_id, often env_name and policy_version):
+    # a reader gathers them from the segment's first row, one cached read instead of one per row
+    constant: Optional[list[str]] = None
 
     @property
     def rel_path(self) -> str:

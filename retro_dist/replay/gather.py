@@ -8,6 +8,10 @@ two offsets, then every value between them (`np.repeat` + `arange`), and a list 
 its child with the child row ranges. The output arrays are fresh heap copies in the order
 asked, so a sampled batch never points into a segment that retention may unmap.
 
+A column the writer found constant in a segment (`SegmentEntry.constant`) has row step 0 in
+that segment's batches: every row reads row 0, so a sample reads one hot cache line per batch
+for it instead of one cold line (two for strings) per row.
+
 Supported: fixed-width primitives, bool, string/binary, and lists of any of them (nested),
 each with or without nulls. Anything else (or a buffer outside the arena) makes
 `Layout.build` return None and the view falls back to Arrow's per-batch take.
@@ -49,10 +53,21 @@ class Layout:
         self.values = values  # (n_batches,) element index (bits for bool) of row 0's value
         self.offsets = offsets  # (n_batches,) int32 index of row 0's offset (strings, lists)
         self.child = child
+        self.step: Optional[np.ndarray] = None  # (n_batches,) 0 where every row equals row 0
 
     @classmethod
-    def build(cls, arena: Arena, arrays: Sequence[pa.Array]) -> Optional["Layout"]:
-        """Layout of one column over its per-batch arrays (same type), or None if unsupported."""
+    def build(cls, arena: Arena, arrays: Sequence[pa.Array],
+              constant: Optional[Sequence[bool]] = None) -> Optional["Layout"]:
+        """Layout of one column over its per-batch arrays (same type), or None if unsupported.
+
+        constant: per batch, True where every row holds row 0's value (the writer's word)."""
+        layout = cls._build(arena, arrays)
+        if layout is not None and constant is not None and any(constant):
+            layout.step = np.where(np.asarray(constant, bool), 0, 1).astype(np.int64)
+        return layout
+
+    @classmethod
+    def _build(cls, arena: Arena, arrays: Sequence[pa.Array]) -> Optional["Layout"]:
         dtype = arrays[0].type
         validity = []
         for a in arrays:
@@ -80,7 +95,7 @@ class Layout:
                 return None
             offs = np.array([o + a.offset for o, a in zip(offs, arrays)], np.int64)
             if pt.is_list(dtype):
-                child = cls.build(arena, [a.values for a in arrays])
+                child = cls._build(arena, [a.values for a in arrays])
                 if child is None:
                     return None
                 return cls(dtype, "list", 4, validity_arr, np.zeros(len(arrays), np.int64), offs,
@@ -96,6 +111,8 @@ class Layout:
     def gather(self, arena: Arena, b: np.ndarray, r: np.ndarray) -> pa.Array:
         """Values at rows `r` (n,) of batches `b` (n,), as one contiguous Arrow array."""
         n = int(r.size)
+        if self.step is not None:
+            r = r * self.step[b]
         valid = None
         if self.validity is not None:
             bits = self.validity[b]

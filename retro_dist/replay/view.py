@@ -265,7 +265,9 @@ class TableView:
     def _layout(self, name: str) -> Optional[Layout]:
         key = f"layout:{name}"
         if key not in self._cache:
-            self._cache[key] = Layout.build(self.arena, [b.column(name) for b in self._batches])
+            constant = [name in (s.entry.constant or ()) for s in self.segs for _ in s.batches]
+            self._cache[key] = Layout.build(self.arena, [b.column(name) for b in self._batches],
+                                            constant)
         return self._cache[key]
 
     def _slow_take(self, name: str, b: np.ndarray, r: np.ndarray) -> pa.Array:

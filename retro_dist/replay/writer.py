@@ -26,8 +26,8 @@ import pyarrow.ipc as ipc
 
 from retro_dist.core.records import SCHEMAS
 from retro_dist.replay.catalog import (TMP_SUFFIX, Catalog, SegmentEntry, StoreLocation,
-                                       catalog_rel, check_name, load_catalog, parse_own_segment,
-                                       read_segment, segment_name)
+                                       catalog_rel, check_name, constant_values, load_catalog,
+                                       parse_own_segment, read_segment, segment_name)
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.keyset import HashSet
@@ -49,10 +49,13 @@ class _OpenSegment:
         self.opened_at = time.monotonic()
         self.min_version: Optional[int] = None
         self.max_version: Optional[int] = None
+        self.constant: Optional[dict] = None  # {column: its one value so far}, None before rows
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.stream.write_batch(batch)
         self.rows += batch.num_rows
+        if batch.num_rows:
+            self.constant = constant_values(batch, self.constant)
         if "policy_version" in batch.schema.names:
             mm = pc.min_max(batch.column("policy_version"))
             lo, hi = mm["min"].as_py(), mm["max"].as_py()
@@ -63,6 +66,10 @@ class _OpenSegment:
     @property
     def nbytes(self) -> int:
         return self.sink.tell()
+
+
+def _names(constant: Optional[dict]) -> Optional[list[str]]:
+    return sorted(constant) if constant else None
 
 
 class ReplayWriter:
@@ -131,12 +138,16 @@ class ReplayWriter:
             warnings.warn(f"replay: quarantined uncatalogued segment {self._loc.path(rel)}: {err}",
                           RuntimeWarning, stacklevel=3)
             return False
-        lo = hi = None
+        lo = hi = const = None
         if "policy_version" in data.column_names and data.num_rows:
             mm = pc.min_max(data["policy_version"])
             lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        for batch in data.to_batches():
+            if batch.num_rows:
+                const = constant_values(batch, const)
         self._catalog.segments.append(SegmentEntry(table, name, self.writer_id, seq,
-                                                   data.num_rows, size, time.time(), lo, hi))
+                                                   data.num_rows, size, time.time(), lo, hi,
+                                                   _names(const)))
         return True
 
     def _load_keys(self, entry: SegmentEntry) -> None:
@@ -270,7 +281,8 @@ class ReplayWriter:
         with self._lock:
             self._catalog.segments += [
                 SegmentEntry(seg.table, seg.name, self.writer_id, seg.seq, seg.rows,
-                             seg.nbytes_final, now, seg.min_version, seg.max_version)
+                             seg.nbytes_final, now, seg.min_version, seg.max_version,
+                             _names(seg.constant))
                 for seg in group]
             data = self._catalog.to_json()
         # A crash before this write leaves uncatalogued segments; _recover adopts them.

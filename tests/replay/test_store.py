@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from retro_dist.core import sampling
 from retro_dist.core.records import ReflectionSample, from_table, make_key, to_batch
+from retro_dist.replay.catalog import StoreLocation, load_catalog
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.store import ReplayStore
 from retro_dist.replay.writer import ReplayWriter
@@ -147,6 +148,43 @@ def test_adopts_segment_renamed_but_not_catalogued(tmp_path):
     assert w.append(T, batch(0, 12)) == 3  # 0..8 already stored, adopted segment included
     w.close()
     assert ReplayStore(root, cfg).num_rows(T) == 12
+
+
+def test_the_catalog_names_each_segments_constant_columns_and_samples_read_them_right(tmp_path):
+    root, cfg = str(tmp_path), ReplayConfig(seal_rows=100, min_size_to_sample=1)
+    with ReplayWriter(root, "w0", cfg) as w:
+        w.append(T, batch(0, 4, version=3))
+        w.seal()
+        w.append(T, batch(4, 6, version=3))
+        w.append(T, batch(6, 9, version=4, task="t1"))  # same segment: version and task vary
+    catalog = tmp_path / "catalog" / "w0.json"
+    first, second = load_catalog(StoreLocation(root), "w0").segments
+    same = ["env_name", "run_id", "trial", "worker_id"]
+    assert first.constant == sorted(same + ["policy_version", "task_id"])
+    assert second.constant == same
+    store = ReplayStore(root, cfg)
+    got = store.sample(T, 64, rng=np.random.default_rng(0))
+    assert got.table.equals(store.read(T).take(got.indices))
+    # a catalog from before this field (no "constant") reads as before: every row gathered
+    catalog.write_bytes(catalog.read_bytes().replace(b',"constant":["env_name","run_id","trial","worker_id"]', b""))
+    assert load_catalog(StoreLocation(root), "w0").segments[1].constant is None
+    store = ReplayStore(root, cfg)
+    got = store.sample(T, 64, rng=np.random.default_rng(1))
+    assert got.table.equals(store.read(T).take(got.indices))
+
+
+def test_a_segment_adopted_after_a_crash_gets_its_constant_columns(tmp_path):
+    root, cfg = str(tmp_path), ReplayConfig(seal_rows=100)
+    with ReplayWriter(root, "w0", cfg) as w:
+        w.append(T, batch(0, 4))
+    catalog = tmp_path / "catalog" / "w0.json"
+    old = catalog.read_bytes()
+    with ReplayWriter(root, "w0", cfg) as w:
+        w.append(T, batch(4, 9, task="t1"))
+    catalog.write_bytes(old)  # as if killed between the rename and the catalog write
+    with ReplayWriter(root, "w0", cfg) as w:
+        adopted = w._catalog.segments[-1]
+    assert adopted.rows == 5 and "task_id" in adopted.constant and "key" not in adopted.constant
 
 
 @given(st.lists(st.tuples(st.lists(st.integers(0, 30), min_size=1, max_size=12),

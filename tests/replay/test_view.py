@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retro_dist.replay.arena import Arena
-from retro_dist.replay.catalog import SegmentEntry
+from retro_dist.replay.catalog import SegmentEntry, constant_values
 from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.view import TableView
 
@@ -18,8 +18,18 @@ def segment(lo: int, hi: int, batch_rows: int = 3) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=batch_rows))
 
 
-def entry(seq: int, rows: int, lo=None, hi=None) -> SegmentEntry:
-    return SegmentEntry("t", f"w-{seq:08d}.arrows", "w", seq, rows, rows * 10, float(seq), lo, hi)
+def entry(seq: int, rows: int, lo=None, hi=None, constant=None) -> SegmentEntry:
+    return SegmentEntry("t", f"w-{seq:08d}.arrows", "w", seq, rows, rows * 10, float(seq), lo, hi,
+                        constant)
+
+
+def constant_columns(table: pa.Table):
+    """What the writer records for a segment holding `table`."""
+    const = None
+    for b in table.to_batches():
+        if b.num_rows:
+            const = constant_values(b, const)
+    return sorted(const) if const else None
 
 
 def test_many_segments_keep_order_and_gather_across_them():
@@ -102,7 +112,8 @@ _VALUES = st.one_of(st.none(), st.integers(-5, 5))
        st.integers(1, 7), st.data())
 @settings(max_examples=40, deadline=None)
 def test_gather_matches_arrow_take(rows, batch_rows, data):
-    """Nulls, strings, nested lists, bools, over several segments and batches."""
+    """Nulls, strings, nested lists, bools, over several segments and batches; columns the
+    writer would record as constant in a segment (frequent here: few values) read row 0."""
     n = len(rows)
     table = pa.table({
         "key": pa.array([f"k{i}" for i in range(n)]),
@@ -117,8 +128,34 @@ def test_gather_matches_arrow_take(rows, batch_rows, data):
     v, cut = TableView("t", arena=ARENA), data.draw(st.integers(0, n))
     for seq, part in enumerate([table.slice(0, cut), table.slice(cut)]):
         if part.num_rows:
-            v.add(entry(seq, part.num_rows),
-                  pa.Table.from_batches(part.to_batches(max_chunksize=batch_rows)))
+            part = pa.Table.from_batches(part.to_batches(max_chunksize=batch_rows))
+            v.add(entry(seq, part.num_rows, constant=constant_columns(part)), part)
     idx = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=30)), np.int64)
     got = v.take(idx)
     assert got.equals(table.take(pa.array(idx, pa.int64())))
+
+
+def test_constant_columns_gather_from_row_0_and_match_take():
+    """One segment where `env` and `w` hold one value, one where they do not: a gather over both
+    reads the first segment's values from its row 0 (step 0) and still equals Arrow's take."""
+    a = pa.table({"key": pa.array(["a0", "a1", "a2", "a3"]), "env": pa.array(["coin"] * 4),
+                  "w": pa.array([7] * 4, pa.int64()), "x": pa.array([1.0, 2.0, 3.0, 4.0])})
+    b = pa.table({"key": pa.array(["b0", "b1", "b2"]), "env": pa.array(["coin", "map", "coin"]),
+                  "w": pa.array([7, 8, 7], pa.int64()), "x": pa.array([5.0, 6.0, 7.0])})
+    assert constant_columns(a) == ["env", "w"] and constant_columns(b) is None
+    v = TableView("t", arena=Arena(1 << 30))
+    for seq, part in enumerate([a, b]):
+        part = pa.Table.from_batches(part.to_batches(max_chunksize=2))
+        v.add(entry(seq, part.num_rows, constant=constant_columns(part)), part)
+    idx = np.array([0, 3, 4, 5, 1, 6, 2, 2], np.int64)
+    assert v.take(idx).equals(pa.concat_tables([a, b]).take(pa.array(idx)))
+    assert v._layout("env").step.tolist() == [0, 0, 1, 1]
+    assert v._layout("x").step is None
+
+
+def test_constant_values_skip_floats_nulls_and_changed_values():
+    first = pa.record_batch({"i": [3, 3], "s": ["a", "a"], "f": [0.0, -0.0], "n": [None, None],
+                             "b": [True, True], "v": [1, 2]})
+    assert constant_values(first, None) == {"i": 3, "s": "a", "b": True}
+    later = pa.record_batch({"i": [3], "s": ["b"], "f": [0.0], "n": [1], "b": [True], "v": [1]})
+    assert constant_values(later, constant_values(first, None)) == {"i": 3, "b": True}

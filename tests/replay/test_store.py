@@ -166,7 +166,8 @@ def test_the_catalog_names_each_segments_constant_columns_and_samples_read_them_
     got = store.sample(T, 64, rng=np.random.default_rng(0))
     assert got.table.equals(store.read(T).take(got.indices))
     # a catalog from before this field (no "constant") reads as before: every row gathered
-    catalog.write_bytes(catalog.read_bytes().replace(b',"constant":["env_name","run_id","trial","worker_id"]', b""))
+    newer = b',"constant":["env_name","run_id","trial","worker_id"]'
+    catalog.write_bytes(catalog.read_bytes().replace(newer, b""))
     assert load_catalog(StoreLocation(root), "w0").segments[1].constant is None
     store = ReplayStore(root, cfg)
     got = store.sample(T, 64, rng=np.random.default_rng(1))

@@ -62,21 +62,36 @@ def constant_values(batch: pa.RecordBatch, before: Optional[dict]) -> dict:
     those holding the same value in `before` (the segment's earlier batches; None for its first).
 
     Integer, bool, string and binary columns only: floats could hold -0.0 beside 0.0 or NaNs,
-    which compare equal or unordered but are not the same bytes.
+    which compare equal or unordered but are not the same bytes. Numpy over the Arrow buffers
+    (a few microseconds per column of 8192 rows; Arrow's min_max took 60 on strings).
     """
     out = {}
     for name in batch.schema.names if before is None else before:
         col = batch.column(name)
-        t = col.type
-        if not (pt.is_integer(t) or pt.is_boolean(t) or pt.is_string(t) or pt.is_binary(t)):
+        if col.null_count or not len(col) or not _one_value(col):
             continue
-        if col.null_count or not len(col):
-            continue
-        mm = pc.min_max(col)
-        value = mm["min"].as_py()
-        if value == mm["max"].as_py() and (before is None or before[name] == value):
+        value = col[0].as_py()
+        if before is None or before[name] == value:
             out[name] = value
     return out
+
+
+def _one_value(col: pa.Array) -> bool:
+    """Does every row of `col` (no nulls) hold row 0's value? False for unsupported types."""
+    t = col.type
+    if pt.is_string(t) or pt.is_binary(t):
+        offs = np.frombuffer(col.buffers()[1], np.int32, len(col) + 1, col.offset * 4)
+        width = int(offs[1] - offs[0])
+        if int(offs[-1] - offs[0]) != width * len(col) or np.any(np.diff(offs) != width):
+            return False
+        if not width:
+            return True
+        data = np.frombuffer(col.buffers()[2], np.uint8, int(offs[-1] - offs[0]), int(offs[0]))
+        return bool((data.reshape(-1, width) == data[:width]).all())
+    if pt.is_integer(t) or pt.is_boolean(t):
+        values = col.to_numpy(zero_copy_only=False)
+        return bool((values == values[0]).all())
+    return False
 
 
 @dataclass

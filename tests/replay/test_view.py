@@ -159,3 +159,7 @@ def test_constant_values_skip_floats_nulls_and_changed_values():
     assert constant_values(first, None) == {"i": 3, "s": "a", "b": True}
     later = pa.record_batch({"i": [3], "s": ["b"], "f": [0.0], "n": [1], "b": [True], "v": [1]})
     assert constant_values(later, constant_values(first, None)) == {"i": 3, "b": True}
+    # same lengths, other bytes; and a slice whose rows start past other values
+    mixed = pa.record_batch({"s": ["ab", "ab", "ac"], "e": ["", "", ""], "t": ["x", "yy", "yy"]})
+    assert constant_values(mixed, None) == {"e": ""}
+    assert constant_values(mixed.slice(1), None) == {"e": "", "t": "yy"}

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from retro_dist.replay.arena import Arena
 from retro_dist.replay.catalog import SegmentEntry, constant_values
+from retro_dist.replay import gather
 from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.view import TableView
 
@@ -126,16 +127,21 @@ def test_gather_matches_arrow_take(rows, batch_rows, data):
         "b": pa.array([r[3] for r in rows], pa.bool_()),
     })
     v, cut = TableView("t", arena=ARENA), data.draw(st.integers(0, n))
+    pool = data.draw(st.booleans())  # constant batches' values read in place, or from a pool
     for seq, part in enumerate([table.slice(0, cut), table.slice(cut)]):
         if part.num_rows:
             part = pa.Table.from_batches(part.to_batches(max_chunksize=batch_rows))
             v.add(entry(seq, part.num_rows, constant=constant_columns(part)), part)
     idx = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=30)), np.int64)
-    got = v.take(idx)
+    default, gather.POOL_MIN_BATCHES = gather.POOL_MIN_BATCHES, 1 if pool else 1 << 30
+    try:
+        got = v.take(idx)
+    finally:
+        gather.POOL_MIN_BATCHES = default
     assert got.equals(table.take(pa.array(idx, pa.int64())))
 
 
-def test_constant_columns_gather_from_row_0_and_match_take():
+def test_constant_columns_gather_from_row_0_and_match_take(monkeypatch):
     """One segment where `env` and `w` hold one value, one where they do not: a gather over both
     reads the first segment's values from its row 0 (step 0) and still equals Arrow's take."""
     a = pa.table({"key": pa.array(["a0", "a1", "a2", "a3"]), "env": pa.array(["coin"] * 4),
@@ -143,6 +149,7 @@ def test_constant_columns_gather_from_row_0_and_match_take():
     b = pa.table({"key": pa.array(["b0", "b1", "b2"]), "env": pa.array(["coin", "map", "coin"]),
                   "w": pa.array([7, 8, 7], pa.int64()), "x": pa.array([5.0, 6.0, 7.0])})
     assert constant_columns(a) == ["env", "w"] and constant_columns(b) is None
+    monkeypatch.setattr(gather, "POOL_MIN_BATCHES", 2)  # env and w: 2 constant batches each
     v = TableView("t", arena=Arena(1 << 30))
     for seq, part in enumerate([a, b]):
         part = pa.Table.from_batches(part.to_batches(max_chunksize=2))
@@ -151,6 +158,21 @@ def test_constant_columns_gather_from_row_0_and_match_take():
     assert v.take(idx).equals(pa.concat_tables([a, b]).take(pa.array(idx)))
     assert v._layout("env").step.tolist() == [0, 0, 1, 1]
     assert v._layout("x").step is None
+    assert v._layout("env").pool is not None and v._layout("w").pool is not None
+    assert v._layout("env").single is None  # "map" in the second segment
+
+
+def test_a_column_with_one_value_in_the_whole_store_is_not_read_at_all():
+    v = TableView("t", arena=Arena(1 << 30))
+    for seq in range(3):
+        part = pa.table({"key": pa.array([f"k{seq}-{i}" for i in range(4)]),
+                         "run": pa.array(["r1"] * 4), "w": pa.array([seq] * 4, pa.int64())})
+        v.add(entry(seq, 4, constant=constant_columns(part)), part)
+    assert v._layout("run").single is not None and v._layout("w").single is None
+    idx = np.array([0, 5, 11, 3], np.int64)
+    got = v.take(idx)
+    assert got.column("run").to_pylist() == ["r1"] * 4 and got.column("w").to_pylist() == [0, 1, 2, 0]
+    assert v.take(idx[:2]).column("run").to_pylist() == ["r1"] * 2
 
 
 def test_constant_values_skip_floats_nulls_and_changed_values():

@@ -42,6 +42,7 @@ from retro_dist.replay.writer import ReplayWriter
 
 SCHEMA = SCHEMAS["reflections"]
 BATCH_ROWS = 8192
+ROUNDS = 3  # sampling rounds per side, alternating
 # Big segments for a big store: 65536 rows of ~750 B is ~48 MB per sealed file; up to four
 # of them may be unacknowledged, so fsyncs overlap the next segments' writes.
 WRITE_CFG = ReplayConfig(seal_rows=65536, seal_bytes=64 << 20, max_unacked_rows=4 * 65536)
@@ -441,42 +442,60 @@ def bench_append(workdir: str, n_rows: int, rounds: int) -> dict:
             "append_vs_raw_nofsync_ratio_best": float(raw_w.min() / app.min())}
 
 
-def bench_sampling(workdir: str, n_rows: int, iters: int) -> dict:
+def bench_sampling(workdir: str, n_rows: int, iters: int, rounds: int = ROUNDS) -> dict:
     """Ours and TorchRL's uniform sampling, each side reopened from disk in a fresh process.
 
     Before each side's sampling process starts, its files are read once (page cache warm for
     both, as right after a run wrote them); what differs is only each library's own reader.
+    The two sides alternate for `rounds` rounds; every figure is the median over rounds, every
+    ratio the median of the rounds' ratios (this machine's rates swing by 2x from one minute to
+    the next; the `*_rounds` lists keep each round's ratio).
     """
     res, big, trl = {}, os.path.join(workdir, "big"), os.path.join(workdir, "torchrl")
     res.update(build_store(big, n_rows))
     res["page_cache_warm_s"] = _warm_page_cache(big)
     capped = _child("reader-capped", big, n_rows, max(iters // 5, 20))
     res.update({f"capped_{k}": v for k, v in capped.items()})
-    _warm_page_cache(big)
-    ours = _child("reader", big, n_rows, iters)
-    res.update(ours)
-    shutil.rmtree(big, ignore_errors=True)  # both stores on disk at once only briefly
     res.update(_child("torchrl-fill", trl, n_rows, iters))
-    res["torchrl_page_cache_warm_s"] = _warm_page_cache(trl)
-    theirs = _child("torchrl", trl, n_rows, iters)
+    ours_runs, theirs_runs = [], []
+    for _ in range(rounds):
+        res["page_cache_warm_s"] = _warm_page_cache(big)
+        ours_runs.append(_child("reader", big, n_rows, iters))
+        res["torchrl_page_cache_warm_s"] = _warm_page_cache(trl)
+        theirs_runs.append(_child("torchrl", trl, n_rows, iters))
+    shutil.rmtree(big, ignore_errors=True)
     shutil.rmtree(trl, ignore_errors=True)
+    ours, theirs = _medians(ours_runs), _medians(theirs_runs)
+    res.update(ours)
     res.update(theirs)
     tag = f"_{n_rows // 1_000_000}m" if n_rows >= 1_000_000 else f"_{n_rows // 1000}k"
     res["capped_resident_bytes"] = CAPPED_RESIDENT_BYTES
-    res["cold_batches"], res["steady_batches"] = COLD_BATCHES, iters
+    res["cold_batches"], res["steady_batches"], res["rounds"] = COLD_BATCHES, iters, rounds
     res[f"rss_peak_gb{tag}"] = capped["rss_peak_gb"]  # with the page budget
     res[f"rss_peak_uncapped_gb{tag}"] = ours["rss_peak_gb"]
+
+    def ratio(name: str, key: str, mine: list, other: list, other_key: str) -> None:
+        per_round = [a[key] / b[other_key] for a, b in zip(mine, other)]
+        res[name], res[f"{name}_rounds"] = float(np.median(per_round)), per_round
+
     for phase in ("cold", "steady", "mapped"):
-        res[f"uniform_{phase}_vs_torchrl{tag}"] = (ours[f"uniform_{phase}_rows_per_s"]
-                                                  / theirs[f"torchrl_uniform_{phase}_rows_per_s"])
+        ratio(f"uniform_{phase}_vs_torchrl{tag}", f"uniform_{phase}_rows_per_s", ours_runs,
+              theirs_runs, f"torchrl_uniform_{phase}_rows_per_s")
     for phase in ("cold", "steady"):
         res[f"uniform_capped_{phase}_vs_torchrl{tag}"] = (
             capped[f"uniform_{phase}_rows_per_s"] / theirs[f"torchrl_uniform_{phase}_rows_per_s"])
     # the headline: steady state of a fresh process (what a learner that just (re)started and
     # samples for a while sees); cold and mapped bracket it
     res[f"uniform_vs_torchrl{tag}"] = res[f"uniform_steady_vs_torchrl{tag}"]
-    res[f"prioritised_vs_uniform{tag}"] = ours["prioritised_rows_per_s"] / ours["uniform_rows_per_s"]
+    ratio(f"prioritised_vs_uniform{tag}", "prioritised_rows_per_s", ours_runs, ours_runs,
+          "uniform_rows_per_s")
     return res
+
+
+def _medians(runs: list) -> dict:
+    """Each numeric figure's median over the rounds' result dicts."""
+    return {k: float(np.median([r[k] for r in runs])) if isinstance(runs[0][k], (int, float))
+            else runs[0][k] for k in runs[0]}
 
 
 def run(workdir: str, n_rows: int, quick: bool, sample_only: bool = False) -> dict:
@@ -544,7 +563,10 @@ def main(argv=None) -> int:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
     for k, v in res.items():
-        print(f"{k:36s} {v:,.3f}" if isinstance(v, float) else f"{k:36s} {v:,}")
+        if isinstance(v, list):
+            print(f"{k:36s} " + " ".join(f"{x:.3f}" for x in v))
+        else:
+            print(f"{k:36s} {v:,.3f}" if isinstance(v, float) else f"{k:36s} {v:,}")
     print(sampling_table(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -9,8 +9,9 @@ its child with the child row ranges. The output arrays are fresh heap copies in 
 asked, so a sampled batch never points into a segment that retention may unmap.
 
 A column the writer found constant in a segment (`SegmentEntry.constant`) has row step 0 in
-that segment's batches: every row reads row 0, so a sample reads one hot cache line per batch
-for it instead of one cold line (two for strings) per row.
+that segment's batches: every row reads the batch's one value, from the batch's row 0 or, with
+many such batches, from a small pool of them all (a few hot pages instead of one page per
+batch). A column with one value in the whole store (a run's run_id) is not read at all.
 
 Supported: fixed-width primitives, bool, string/binary, and lists of any of them (nested),
 each with or without nulls. Anything else (or a buffer outside the arena) makes
@@ -143,10 +144,13 @@ class Layout:
     def gather(self, arena: Arena, b: np.ndarray, r: np.ndarray) -> pa.Array:
         """Values at rows `r` (n,) of batches `b` (n,), as one contiguous Arrow array."""
         n = int(r.size)
-        if self.single is not None:  # Arrow arrays are immutable: batches may share this one
-            if n not in self._repeated:
-                self._repeated[n] = self.single.take(pa.array(np.zeros(n, np.int64)))
-            return self._repeated[n]
+        if self.single is not None:
+            out = self._repeated.get(n)
+            if out is None:
+                out = self.single.take(pa.array(np.zeros(n, np.int64)))
+                if n <= 4096 and len(self._repeated) < 8:  # sample sizes, not filtered reads
+                    self._repeated[n] = out  # Arrow arrays are immutable: batches may share it
+            return out
         if self.step is not None:
             r = r * self.step[b]
         valid = None

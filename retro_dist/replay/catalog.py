@@ -108,7 +108,7 @@ class SegmentEntry:
     min_version: Optional[int] = None  # policy_version range of its rows, when the table has one
     max_version: Optional[int] = None
     # columns whose rows all hold one value (run_id, worker_id, often env_name and policy_version):
-    # a reader gathers them from the segment's first row, one cached read instead of one per row
+    # a reader gathers them without a read per row (gather.Layout.build)
     constant: Optional[list[str]] = None
 
     @property

@@ -72,14 +72,15 @@ class Layout:
         if layout is not None and constant is not None and any(constant):
             constant = np.asarray(constant, bool)
             if layout.kind in ("fixed", "bytes"):
-                layout._pool_constants(arena, np.flatnonzero(constant))
+                layout._place_constants(arena, np.flatnonzero(constant))
             layout.step = np.where(constant, 0, 1).astype(np.int64)
         return layout
 
-    def _pool_constants(self, arena: Arena, batches: np.ndarray) -> None:
-        """Copy the one value of each constant batch into a small slot of its own and point those
-        batches there: a sample then reads a few hot pages for the column, not one page per batch
-        (at 10M rows, 1,200 batches' first rows cost a TLB miss each, nearly a cold read)."""
+    def _place_constants(self, arena: Arena, batches: np.ndarray) -> None:
+        """Where the constant batches' values are read from: nowhere when every batch holds the
+        same one (`single`); else, from POOL_MIN_BATCHES such batches on, a small slot holding
+        each batch's value, so a sample reads a few hot pages for the column, not one page per
+        batch (at 10M rows, 1,200 batches' first rows cost a TLB miss each, nearly a cold read)."""
         firsts = self.gather(arena, batches, np.zeros(batches.size, np.int64))
         if batches.size == self.values.size and len(firsts.unique()) == 1:
             self.single = firsts.slice(0, 1)  # run_id; with one game, env_name: nothing to read
@@ -95,7 +96,7 @@ class Layout:
         blob[:offsets.size] = offsets.to_pybytes()
         if data is not None:
             blob[head:] = data.to_pybytes()
-        self.pool = arena.place(bytes(blob))
+        self.pool = arena.place(blob)
         self.offsets[batches] = self.pool.offset // 4 + np.arange(batches.size)
         self.values[batches] = self.pool.offset + head
 

@@ -33,6 +33,31 @@ from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.keyset import HashSet
 
 
+class _RowStats:
+    """What a segment's catalog entry says about its rows, gathered batch by batch: the range of
+    policy_version and the columns holding one value throughout."""
+
+    def __init__(self) -> None:
+        self.min_version: Optional[int] = None
+        self.max_version: Optional[int] = None
+        self.constant: Optional[dict] = None  # {column: its one value so far}, None before rows
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        self.constant = constant_values(batch, self.constant)
+        if "policy_version" in batch.schema.names:
+            mm = pc.min_max(batch.column("policy_version"))
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            if lo is not None:
+                self.min_version = lo if self.min_version is None else min(self.min_version, lo)
+                self.max_version = hi if self.max_version is None else max(self.max_version, hi)
+
+    def fields(self) -> tuple:
+        """SegmentEntry's (min_version, max_version, constant)."""
+        return self.min_version, self.max_version, sorted(self.constant) if self.constant else None
+
+
 class _OpenSegment:
     """A segment being written: the IPC stream and what its catalog entry will say."""
 
@@ -47,29 +72,16 @@ class _OpenSegment:
         self.rows = 0
         self.nbytes_final = 0
         self.opened_at = time.monotonic()
-        self.min_version: Optional[int] = None
-        self.max_version: Optional[int] = None
-        self.constant: Optional[dict] = None  # {column: its one value so far}, None before rows
+        self.stats = _RowStats()
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.stream.write_batch(batch)
         self.rows += batch.num_rows
-        if batch.num_rows:
-            self.constant = constant_values(batch, self.constant)
-        if "policy_version" in batch.schema.names:
-            mm = pc.min_max(batch.column("policy_version"))
-            lo, hi = mm["min"].as_py(), mm["max"].as_py()
-            if lo is not None:
-                self.min_version = lo if self.min_version is None else min(self.min_version, lo)
-                self.max_version = hi if self.max_version is None else max(self.max_version, hi)
+        self.stats.add(batch)
 
     @property
     def nbytes(self) -> int:
         return self.sink.tell()
-
-
-def _names(constant: Optional[dict]) -> Optional[list[str]]:
-    return sorted(constant) if constant else None
 
 
 class ReplayWriter:
@@ -138,16 +150,12 @@ class ReplayWriter:
             warnings.warn(f"replay: quarantined uncatalogued segment {self._loc.path(rel)}: {err}",
                           RuntimeWarning, stacklevel=3)
             return False
-        lo = hi = const = None
-        if "policy_version" in data.column_names and data.num_rows:
-            mm = pc.min_max(data["policy_version"])
-            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        stats = _RowStats()
         for batch in data.to_batches():
-            if batch.num_rows:
-                const = constant_values(batch, const)
+            stats.add(batch)
         self._catalog.segments.append(SegmentEntry(table, name, self.writer_id, seq,
-                                                   data.num_rows, size, time.time(), lo, hi,
-                                                   _names(const)))
+                                                   data.num_rows, size, time.time(),
+                                                   *stats.fields()))
         return True
 
     def _load_keys(self, entry: SegmentEntry) -> None:
@@ -281,8 +289,7 @@ class ReplayWriter:
         with self._lock:
             self._catalog.segments += [
                 SegmentEntry(seg.table, seg.name, self.writer_id, seg.seq, seg.rows,
-                             seg.nbytes_final, now, seg.min_version, seg.max_version,
-                             _names(seg.constant))
+                             seg.nbytes_final, now, *seg.stats.fields())
                 for seg in group]
             data = self._catalog.to_json()
         # A crash before this write leaves uncatalogued segments; _recover adopts them.

@@ -190,7 +190,8 @@ def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dic
            "rss_peak_open_gb": _proc_status("VmHWM")}
     rng = np.random.default_rng(0)
     arena = store._arena
-    touch = None if resident_bytes is not None else (lambda: _touch(arena.u8[:arena.top]))
+    touch = None if resident_bytes is not None else (lambda: [
+        _touch(arena.u8[off:off + size]) for off, size in list(arena.spans.items())])
     res.update({f"uniform_{k}": v for k, v in _sampling_phases(
         lambda: store.sample("reflections", 256, rng=rng), iters, touch).items()})
     res["uniform_rows_per_s"] = res.get("uniform_mapped_rows_per_s",

@@ -17,7 +17,8 @@ the page cache keeps the data) whenever this process maps more file-backed bytes
 (/proc/self/statm), checked after every gathered column, so RSS stays near the index arrays
 plus the budget however large the store is. The price: every sample faults its pages back
 in, and on kernels that map 64 KB or more around each fault that costs far more than the
-gather itself (see benchmarks/replay.py: capped vs uncapped rows/s).
+gather itself (see benchmarks/replay.py: capped vs uncapped rows/s). Without a budget the arena
+places big segments so the kernel can map them 2 MB at a time (arena.py); with one, it may not.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class ReplayStore:
     def __init__(self, root_uri: str, cfg: ReplayConfig) -> None:
         self.cfg = cfg
         self._loc = StoreLocation(root_uri)
-        self._arena = Arena()
+        self._arena = Arena(huge_pages=cfg.resident_bytes is None)
         self._views: dict[str, TableView] = {}
         self._pending: dict[str, list[SegmentEntry]] = {}  # catalogued, table not opened yet
         self._limiters: dict[str, RateLimiter] = {}

@@ -1,10 +1,14 @@
 """ReplayWriter: one process's append-only writer into a replay store.
 
-Each (writer, table) has at most one open segment, an Arrow IPC stream under a temp name.
-Sealing = close the stream, fsync, atomic rename to the final name, then rewrite this writer's
-catalog file (the commit point, see catalog.py). On an object store the segment is uploaded
-under its final name (no rename: S3 has none), and the catalog PUT alone commits it. The last three steps run on one background
-"sealer" thread, in order, so append() does not stall on the disk; `seal()` waits for them.
+Each (writer, table) has at most one open segment, an Arrow IPC stream in memory (at most
+`seal_bytes`). Sealing = close the stream; write the file in one go under a temp name, fsync,
+atomic rename to the final name, then rewrite this writer's catalog file (the commit point, see
+catalog.py). On an object store the segment is uploaded under its final name (no rename: S3 has
+none), and the catalog PUT alone commits it. Everything after closing the stream runs on one
+background "sealer" thread, in order, so append() does not stall on the disk; `seal()` waits.
+One write from offset 0 is also what lets the page cache hold a segment in huge-page-sized
+folios, which a reader maps with one fault per 2 MB (arena.py); written piece by piece as Arrow
+emits its buffers, a segment ended up in small folios and a reader faulted 4x as often.
 Seals queued behind a slow disk are committed as one group (one catalog write).
 A crash therefore loses at most rows the caller never saw acknowledged (`committed_rows` did
 not count them yet) and resends; keys already stored by this writer are dropped on the way
@@ -59,7 +63,7 @@ class _RowStats:
 
 
 class _OpenSegment:
-    """A segment being written: the IPC stream and what its catalog entry will say."""
+    """A segment being written: the IPC stream (in memory) and what its catalog entry will say."""
 
     def __init__(self, loc: StoreLocation, table: str, name: str, seq: int,
                  schema: pa.Schema) -> None:
@@ -67,8 +71,9 @@ class _OpenSegment:
         self.rel = f"segments/{table}/{name}"
         # Object stores: the upload under the final name is invisible until it completes.
         self.tmp_rel = self.rel + TMP_SUFFIX if loc.local else self.rel
-        self.sink = loc.fs.open_output_stream(loc.path(self.tmp_rel), compression=None)
+        self.sink = pa.BufferOutputStream()
         self.stream = ipc.new_stream(self.sink, schema)
+        self.data: Optional[pa.Buffer] = None  # the whole file, once sealed
         self.rows = 0
         self.nbytes_final = 0
         self.opened_at = time.monotonic()
@@ -254,14 +259,13 @@ class ReplayWriter:
     def _seal_one(self, table: str) -> None:
         """Close one open segment and hand it to the sealer thread.
 
-        The stream is flushed to the OS here; the sealer then fsyncs, renames and
-        catalogues in FIFO order while append() goes on: the disk flush overlaps the next
-        segment's writes instead of stalling the caller.
+        The sealer then writes, fsyncs, renames and catalogues in FIFO order while append()
+        goes on: the disk work overlaps the next segment's appends instead of stalling them.
         """
         seg = self._open.pop(table)
         seg.stream.close()  # writes the end-of-stream marker
         seg.nbytes_final = seg.nbytes
-        seg.sink.close()
+        seg.data = seg.sink.getvalue()
         with self._lock:
             self._queued.append(seg)
         self._inflight.append(self._sealer.submit(self._commit_queued))
@@ -279,6 +283,11 @@ class ReplayWriter:
             group, self._queued = self._queued, []
         if not group:
             return  # an earlier call committed these
+        for seg in group:
+            with self._loc.fs.open_output_stream(self._loc.path(seg.tmp_rel),
+                                                 compression=None) as f:
+                f.write(seg.data)
+            seg.data = None
         renamed = [seg for seg in group if seg.tmp_rel != seg.rel]
         for seg in renamed:
             self._loc.fsync(seg.tmp_rel)

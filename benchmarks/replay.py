@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -127,8 +128,8 @@ def build_store(root: str, n_rows: int) -> dict:
     return {"store_rows": n_rows, "store_gb": size / 1e9, "store_write_rows_per_s": n_rows / dt}
 
 
-def _proc_status(field: str) -> float:
-    with open("/proc/self/status") as f:
+def _proc_status(field: str, path: str = "/proc/self/status") -> float:
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024 / 1024  # kB -> GiB
@@ -164,15 +165,29 @@ def _sampling_phases(sample, iters: int, touch_all) -> dict:
     wrote the data itself, or has sampled it for hours, has them), `iters` batches.
     touch_all None: skipped (the capped reader drops its pages on purpose).
     """
-    res = {"cold_rows_per_s": _rate(sample, COLD_BATCHES),
-           "steady_rows_per_s": _rate(sample, iters)}
-    if touch_all is not None:
-        t0 = time.perf_counter()
-        touch_all()
-        res["touch_all_s"] = time.perf_counter() - t0
-        res["mapped_rows_per_s"] = _rate(sample, iters)
+    res = {}
+    for phase, n in (("cold", COLD_BATCHES), ("steady", iters), ("mapped", iters)):
+        if phase == "mapped":
+            if touch_all is None:
+                break
+            t0 = time.perf_counter()
+            touch_all()
+            res["touch_all_s"] = time.perf_counter() - t0
+        faults = _minor_faults()
+        res[f"{phase}_rows_per_s"] = _rate(sample, n)
+        res[f"{phase}_faults_per_batch"] = (_minor_faults() - faults) / n
     res["rss_peak_uniform_gb"] = _proc_status("VmHWM")
+    res["file_pmd_mapped_gb"] = _file_pmd_mapped_gb()
     return res
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _file_pmd_mapped_gb() -> float:
+    """File pages this process maps with 2 MB (PMD) entries (one fault and TLB entry per 2 MB)."""
+    return _proc_status("FilePmdMapped", "/proc/self/smaps_rollup")
 
 
 def reader_child(root: str, n_rows: int, iters: int, resident_bytes=None) -> dict:
@@ -521,15 +536,17 @@ def sampling_table(res: dict) -> str:
             ("steady: the next %d batches" % res["steady_batches"], "steady"),
             ("mapped: every page faulted in first", "mapped")]
     out = ["| phase (fresh process, files in page cache) | ours | ours, 256 MB page budget "
-           "| TorchRL | ours ÷ TorchRL |", "|---|---|---|---|---|"]
+           "| TorchRL | ours ÷ TorchRL | page faults per batch: ours / TorchRL |",
+           "|---|---|---|---|---|---|"]
     for label, phase in rows:
         ours, theirs = res[f"uniform_{phase}_rows_per_s"], res[f"torchrl_uniform_{phase}_rows_per_s"]
         capped = res.get(f"capped_uniform_{phase}_rows_per_s")
         out.append(f"| {label} | {ours:,.0f} | "
                    f"{'-' if capped is None else f'{capped:,.0f}'} | {theirs:,.0f} | "
-                   f"{ours / theirs:.2f} |")
+                   f"{ours / theirs:.2f} | {res[f'uniform_{phase}_faults_per_batch']:.1f} / "
+                   f"{res[f'torchrl_uniform_{phase}_faults_per_batch']:.1f} |")
     out.append(f"| open | {res['store_open_s']:.2f} s | {res['capped_store_open_s']:.2f} s | "
-               f"{res['torchrl_open_s']:.2f} s | |")
+               f"{res['torchrl_open_s']:.2f} s | | |")
     return "\n".join(out)
 
 
@@ -558,6 +575,7 @@ def main(argv=None) -> int:
         crash_child(root, int(worker), int(n))
         return 0
     workdir = args.dir or tempfile.mkdtemp(prefix="replay-bench-")
+    os.makedirs(workdir, exist_ok=True)
     try:
         res = run(workdir, 100_000 if args.quick else args.rows, args.quick, args.sample_only)
     finally:

@@ -1,14 +1,11 @@
 """ReplayWriter: one process's append-only writer into a replay store.
 
-Each (writer, table) has at most one open segment, an Arrow IPC stream in memory (at most
-`seal_bytes`). Sealing = close the stream; write the file in one go under a temp name, fsync,
-atomic rename to the final name, then rewrite this writer's catalog file (the commit point, see
-catalog.py). On an object store the segment is uploaded under its final name (no rename: S3 has
-none), and the catalog PUT alone commits it. Everything after closing the stream runs on one
-background "sealer" thread, in order, so append() does not stall on the disk; `seal()` waits.
-One write from offset 0 is also what lets the page cache hold a segment in huge-page-sized
-folios, which a reader maps with one fault per 2 MB (arena.py); written piece by piece as Arrow
-emits its buffers, a segment ended up in small folios and a reader faulted 4x as often.
+Each (writer, table) has at most one open segment, an Arrow IPC stream under a temp name (on
+local disk written in whole 2 MB pieces, sink.py, so the page cache holds it in huge folios).
+Sealing = close the stream, fsync, atomic rename to the final name, then rewrite this writer's
+catalog file (the commit point, see catalog.py). On an object store the segment is uploaded
+under its final name (no rename: S3 has none), and the catalog PUT alone commits it. The last three steps run on one background
+"sealer" thread, in order, so append() does not stall on the disk; `seal()` waits for them.
 Seals queued behind a slow disk are committed as one group (one catalog write).
 A crash therefore loses at most rows the caller never saw acknowledged (`committed_rows` did
 not count them yet) and resends; keys already stored by this writer are dropped on the way
@@ -35,6 +32,7 @@ from retro_dist.replay.catalog import (TMP_SUFFIX, Catalog, SegmentEntry, StoreL
 from retro_dist.replay.config import ReplayConfig
 from retro_dist.replay.gather import hash_keys
 from retro_dist.replay.keyset import HashSet
+from retro_dist.replay.sink import AlignedSink
 
 
 class _RowStats:
@@ -63,17 +61,20 @@ class _RowStats:
 
 
 class _OpenSegment:
-    """A segment being written: the IPC stream (in memory) and what its catalog entry will say."""
+    """A segment being written: the IPC stream and what its catalog entry will say."""
 
     def __init__(self, loc: StoreLocation, table: str, name: str, seq: int,
-                 schema: pa.Schema) -> None:
+                 schema: pa.Schema, submit, pool: list) -> None:
         self.table, self.name, self.seq = table, name, seq
         self.rel = f"segments/{table}/{name}"
         # Object stores: the upload under the final name is invisible until it completes.
         self.tmp_rel = self.rel + TMP_SUFFIX if loc.local else self.rel
-        self.sink = pa.BufferOutputStream()
+        raw = loc.fs.open_output_stream(loc.path(self.tmp_rel), compression=None)
+        # local disk: in whole 2 MB pieces on the sealer thread (sink.py); an object store
+        # buffers its own parts
+        self.file = AlignedSink(raw, submit, pool) if loc.local else None
+        self.sink = pa.PythonFile(self.file, mode="w") if loc.local else raw
         self.stream = ipc.new_stream(self.sink, schema)
-        self.data: Optional[pa.Buffer] = None  # the whole file, once sealed
         self.rows = 0
         self.nbytes_final = 0
         self.opened_at = time.monotonic()
@@ -109,6 +110,7 @@ class ReplayWriter:
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seal-{writer_id}")
         self._inflight: list[Future] = []
         self._queued: list[_OpenSegment] = []  # sealed, waiting for the sealer thread
+        self._chunks: list[bytearray] = []  # spare 2 MB write chunks (sink.py)
         # Hashes of the keys this writer has stored, per table (trials and reflections share
         # keys by design): a numpy hash set, so a batch costs a few vectorised probes.
         self._known: dict[str, HashSet] = {}
@@ -246,7 +248,7 @@ class ReplayWriter:
             rel = f"segments/{table}/{name}"
             if not (self._loc.exists(rel) or self._loc.exists(rel + TMP_SUFFIX)):
                 break
-        seg = _OpenSegment(self._loc, table, name, seq, schema)
+        seg = _OpenSegment(self._loc, table, name, seq, schema, self._background, self._chunks)
         self._open[table] = seg
         return seg
 
@@ -256,19 +258,27 @@ class ReplayWriter:
                       if now - seg.opened_at >= self.cfg.seal_seconds]:
             self._seal_one(table)
 
+    def _background(self, fn, *args) -> Future:
+        """Run fn on the sealer thread after everything queued there; its error surfaces in
+        the next append or seal (`_reap`)."""
+        future = self._sealer.submit(fn, *args)
+        self._inflight.append(future)
+        return future
+
     def _seal_one(self, table: str) -> None:
         """Close one open segment and hand it to the sealer thread.
 
-        The sealer then writes, fsyncs, renames and catalogues in FIFO order while append()
-        goes on: the disk work overlaps the next segment's appends instead of stalling them.
+        The sealer, in FIFO order behind the segment's own writes, then fsyncs, renames and
+        catalogues while append() goes on: the disk work overlaps the next segment's
+        appends instead of stalling them.
         """
         seg = self._open.pop(table)
         seg.stream.close()  # writes the end-of-stream marker
         seg.nbytes_final = seg.nbytes
-        seg.data = seg.sink.getvalue()
+        seg.sink.close()
         with self._lock:
             self._queued.append(seg)
-        self._inflight.append(self._sealer.submit(self._commit_queued))
+        self._background(self._commit_queued)
         self._reap(wait=False)
 
     def _commit_queued(self) -> None:
@@ -284,10 +294,9 @@ class ReplayWriter:
         if not group:
             return  # an earlier call committed these
         for seg in group:
-            with self._loc.fs.open_output_stream(self._loc.path(seg.tmp_rel),
-                                                 compression=None) as f:
-                f.write(seg.data)
-            seg.data = None
+            err = seg.file.error if seg.file is not None else None
+            if err is not None:  # never catalogue a segment whose bytes did not all land
+                raise OSError(f"replay: writing segment {seg.rel} failed: {err}") from err
         renamed = [seg for seg in group if seg.tmp_rel != seg.rel]
         for seg in renamed:
             self._loc.fsync(seg.tmp_rel)

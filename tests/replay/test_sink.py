@@ -1,0 +1,94 @@
+"""AlignedSink: the bytes are Arrow's, in order; the file only ever grows by whole chunks."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+
+from retro_dist.replay.sink import AlignedSink
+
+
+class Recording:
+    """A pyarrow output stream that records the length of each write reaching it."""
+
+    def __init__(self, path):
+        self.raw = pafs.LocalFileSystem().open_output_stream(path)
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(len(memoryview(data).cast("B")))
+        return self.raw.write(data)
+
+    def flush(self):
+        self.raw.flush()
+
+    def close(self):
+        self.raw.close()
+
+
+def test_same_bytes_as_arrow_in_whole_aligned_chunks(tmp_path):
+    rng = np.random.default_rng(0)
+    batch = pa.record_batch({"ids": pa.array(rng.integers(0, 1 << 30, 300_000)),
+                             "text": pa.array([f"row {i}" * (i % 7) for i in range(300_000)])})
+    want = pa.BufferOutputStream()
+    with ipc.new_stream(want, batch.schema) as w:
+        for _ in range(3):
+            w.write_batch(batch)
+    rec = Recording(str(tmp_path / "seg"))
+    sink = AlignedSink(rec, chunk=1 << 16)
+    with ipc.new_stream(pa.PythonFile(sink, mode="w"), batch.schema) as w:
+        for _ in range(3):
+            w.write_batch(batch)
+    assert sink.pos == want.tell()
+    sink.close()
+    assert (tmp_path / "seg").read_bytes() == want.getvalue().to_pybytes()
+    assert all(n % (1 << 16) == 0 for n in rec.writes[:-1])  # only the tail is partial
+    assert len(rec.writes) < 3 * 10  # the big buffers' middles went out whole, not piecewise
+
+
+def test_flush_mid_chunk_keeps_later_chunks_aligned(tmp_path):
+    rec = Recording(str(tmp_path / "f"))
+    sink = AlignedSink(rec, chunk=16)
+    sink.write(b"a" * 5)
+    sink.flush()  # 5 bytes out now
+    assert os.path.getsize(tmp_path / "f") == 5
+    sink.write(b"b" * 30)  # 11 to finish the first chunk, 16 whole, 3 kept
+    sink.write(b"c" * 2)
+    sink.close()
+    assert (tmp_path / "f").read_bytes() == b"a" * 5 + b"b" * 30 + b"c" * 2
+    assert rec.writes == [5, 11, 16, 5]
+
+
+def test_background_writes_keep_order_and_recycle_chunks(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = []
+    data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        sink = AlignedSink(pafs.LocalFileSystem().open_output_stream(str(tmp_path / "f")),
+                           ex.submit, pool, chunk=256)
+        for i in range(0, len(data), 37):
+            sink.write(data[i:i + 37])
+        sink.close()
+    assert (tmp_path / "f").read_bytes() == data
+    assert pool and all(len(c) == 256 for c in pool)  # written chunks came back for reuse
+
+
+def test_a_failed_background_write_is_kept_and_stops_later_writes(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Full(Recording):
+        def write(self, data):
+            if len(self.writes) == 1:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+
+    rec = Full(str(tmp_path / "f"))
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        sink = AlignedSink(rec, ex.submit, [], chunk=16)
+        sink.write(b"x" * 16)  # one whole chunk: written
+        sink.write(b"y" * 40)  # two more (fails), 8 bytes kept for close (never written)
+        sink.close()
+    assert isinstance(sink.error, OSError)
+    assert rec.writes == [16]  # nothing after the failure reached the file

@@ -24,19 +24,24 @@ class HashSet:
     def __len__(self) -> int:
         return int(np.count_nonzero(self.table))
 
+    def _slots(self, h: np.ndarray) -> tuple[np.ndarray, int]:
+        """Each hash's home slot, as intp (a uint64 index array is converted on every use)."""
+        mask = self.table.size - 1
+        return (h & np.uint64(mask)).astype(np.intp), mask
+
     def contains(self, hashes: np.ndarray) -> np.ndarray:
         """(n,) bool: which hashes are in the set."""
         h = self._nonzero(hashes)
-        mask = np.uint64(self.table.size - 1)
-        slot = h & mask
-        found = np.zeros(h.size, bool)
-        active = np.arange(h.size)
+        slot, mask = self._slots(h)
+        t = self.table[slot]
+        found = t == h
+        active = np.flatnonzero(~found & (t != 0))  # home slot holds another hash: probe on
         while active.size:
+            slot[active] = (slot[active] + 1) & mask
             t = self.table[slot[active]]
             hit = t == h[active]
             found[active[hit]] = True
-            active = active[~hit & (t != 0)]  # occupied by another hash: probe on
-            slot[active] = (slot[active] + _ONE) & mask
+            active = active[~hit & (t != 0)]
         return found
 
     def add(self, hashes: np.ndarray) -> None:
@@ -49,19 +54,19 @@ class HashSet:
         h = self._nonzero(hashes)
         if (self.used + h.size) * 2 > self.table.size:
             self._grow(self.used + h.size)
-        mask = np.uint64(self.table.size - 1)
-        slot = h & mask
-        pending = np.arange(h.size)
-        while pending.size:
-            s, hp = slot[pending], h[pending]
-            t = self.table[s]
-            free = t == 0
-            self.used += int(free.sum())  # an upper bound (repeats count twice): sizing only
+        slot, mask = self._slots(h)
+        pending = None  # None: every hash, at its home slot (the first round copies nothing)
+        s, hp = slot, h
+        while True:
+            free = self.table[s] == 0
+            self.used += int(np.count_nonzero(free))  # an upper bound (repeats count twice)
             self.table[s[free]] = hp[free]
-            t = self.table[s]
-            left = t != hp  # not placed: the slot holds another hash, probe on
-            pending = pending[left]
-            slot[pending] = (slot[pending] + _ONE) & mask
+            left = self.table[s] != hp  # not placed: the slot holds another hash, probe on
+            if not left.any():
+                return
+            pending = np.flatnonzero(left) if pending is None else pending[left]
+            slot[pending] = (slot[pending] + 1) & mask
+            s, hp = slot[pending], h[pending]
 
     def _grow(self, need: int) -> None:
         old = self.table[self.table != 0]

@@ -108,10 +108,10 @@ def time_raw(batches, path: str) -> tuple[float, float]:
     return written, time.perf_counter() - t0
 
 
-def time_append(batches, root: str) -> float:
+def time_append(batches, root: str, cfg: ReplayConfig = WRITE_CFG) -> float:
     """ReplayWriter: key dedup, segments, fsync + rename + catalog on every seal."""
     t0 = time.perf_counter()
-    with ReplayWriter(root, "w0", WRITE_CFG) as w:
+    with ReplayWriter(root, "w0", cfg) as w:
         for b in batches:
             w.append("reflections", b)
     return time.perf_counter() - t0
@@ -431,31 +431,42 @@ def bench_crash(workdir: str, n_batches: int, seed: int = 0) -> dict:
 # ---- driver ------------------------------------------------------------------------------------
 
 def bench_append(workdir: str, n_rows: int, rounds: int) -> dict:
-    """ReplayWriter vs bare pyarrow on the same batches, paired runs in alternating order."""
+    """ReplayWriter vs bare pyarrow on the same batches, paired runs in rotating order.
+
+    The writer runs twice a round: as configured by default (segments written in whole 2 MB
+    pieces, `replay.huge_page_writes`) and with Arrow's own writes, as the bare writer does.
+    """
     batches = make_batches(n_rows)
-    raw_s, app_s = [], []
-    for rnd in range(rounds):  # the disk is shared: pair runs, alternate the order
-        for which in ((0, 1) if rnd % 2 == 0 else (1, 0)):
-            if which == 0:
-                os.sync()  # start each run with no dirty pages from the previous one
-                raw_s.append(time_raw(batches, os.path.join(workdir, "raw.arrows")))
+    small = ReplayConfig(**{**WRITE_CFG.__dict__, "huge_page_writes": False})
+    times = {"raw": [], "append": [], "small": []}
+    for rnd in range(rounds):  # the disk is shared: rotate the order, start each run clean
+        order = ["raw", "append", "small"]
+        for which in order[rnd % 3:] + order[:rnd % 3]:
+            os.sync()  # no dirty pages from the previous run
+            if which == "raw":
+                times["raw"].append(time_raw(batches, os.path.join(workdir, "raw.arrows")))
                 os.remove(os.path.join(workdir, "raw.arrows"))
-            else:
-                shutil.rmtree(os.path.join(workdir, "store"), ignore_errors=True)
-                os.sync()
-                app_s.append(time_append(batches, os.path.join(workdir, "store")))
-    shutil.rmtree(os.path.join(workdir, "store"), ignore_errors=True)
-    raw_w, raw_d = np.array([w for w, _ in raw_s]), np.array([d for _, d in raw_s])
-    app = np.array(app_s)
+                continue
+            root = os.path.join(workdir, "store")
+            shutil.rmtree(root, ignore_errors=True)
+            os.sync()
+            times[which].append(time_append(batches, root, WRITE_CFG if which == "append" else small))
+            shutil.rmtree(root, ignore_errors=True)
+    raw_w, raw_d = np.array([w for w, _ in times["raw"]]), np.array([d for _, d in times["raw"]])
+    app, small_app = np.array(times["append"]), np.array(times["small"])
     return {"append_rows": n_rows, "row_bytes": round(sum(b.nbytes for b in batches) / n_rows, 1),
             "append_rows_per_s": n_rows / app.min(),
+            "append_small_folios_rows_per_s": n_rows / small_app.min(),
             "raw_pyarrow_rows_per_s": n_rows / raw_d.min(),
             "raw_pyarrow_nofsync_rows_per_s": n_rows / raw_w.min(),
             # median over rounds of the paired ratio: robust to a neighbour's I/O bursts
             "append_vs_raw_ratio": float(np.median(raw_d / app)),
             "append_vs_raw_nofsync_ratio": float(np.median(raw_w / app)),
             "append_vs_raw_ratio_best": float(raw_d.min() / app.min()),
-            "append_vs_raw_nofsync_ratio_best": float(raw_w.min() / app.min())}
+            "append_vs_raw_nofsync_ratio_best": float(raw_w.min() / app.min()),
+            "append_small_folios_vs_raw_ratio": float(np.median(raw_d / small_app)),
+            "append_vs_raw_ratio_rounds": (raw_d / app).tolist(),
+            "append_small_folios_vs_raw_ratio_rounds": (raw_d / small_app).tolist()}
 
 
 def bench_sampling(workdir: str, n_rows: int, iters: int, rounds: int = ROUNDS) -> dict:

@@ -19,6 +19,8 @@ class ReplayConfig:
     seal_seconds: float = 30.0
     # most rows a writer keeps written-but-unsealed across all its tables; reaching it seals all
     max_unacked_rows: int = 16384
+    # local disk: write segments in whole 2 MB pieces (readers then map them 2 MB per fault); off: as Arrow emits them
+    huge_page_writes: bool = True
     # how sample() picks rows: uniformly, by |priority|^exponent, or by quality annealed to uniform
     sampler: Literal["uniform", "prioritised", "curriculum"] = "uniform"
     # column-derived priority when sample() gets no explicit priorities (see ReplayStore.sample)

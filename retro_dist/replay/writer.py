@@ -64,7 +64,7 @@ class _OpenSegment:
     """A segment being written: the IPC stream and what its catalog entry will say."""
 
     def __init__(self, loc: StoreLocation, table: str, name: str, seq: int,
-                 schema: pa.Schema, submit, pool: list) -> None:
+                 schema: pa.Schema, submit, pool: list, aligned: bool = True) -> None:
         self.table, self.name, self.seq = table, name, seq
         self.rel = f"segments/{table}/{name}"
         # Object stores: the upload under the final name is invisible until it completes.
@@ -72,8 +72,8 @@ class _OpenSegment:
         raw = loc.fs.open_output_stream(loc.path(self.tmp_rel), compression=None)
         # local disk: in whole 2 MB pieces on the sealer thread (sink.py); an object store
         # buffers its own parts
-        self.file = AlignedSink(raw, submit, pool) if loc.local else None
-        self.sink = pa.PythonFile(self.file, mode="w") if loc.local else raw
+        self.file = AlignedSink(raw, submit, pool) if loc.local and aligned else None
+        self.sink = raw if self.file is None else pa.PythonFile(self.file, mode="w")
         self.stream = ipc.new_stream(self.sink, schema)
         self.rows = 0
         self.nbytes_final = 0
@@ -248,7 +248,8 @@ class ReplayWriter:
             rel = f"segments/{table}/{name}"
             if not (self._loc.exists(rel) or self._loc.exists(rel + TMP_SUFFIX)):
                 break
-        seg = _OpenSegment(self._loc, table, name, seq, schema, self._background, self._chunks)
+        seg = _OpenSegment(self._loc, table, name, seq, schema, self._background, self._chunks,
+                           self.cfg.huge_page_writes)
         self._open[table] = seg
         return seg
 

@@ -92,3 +92,20 @@ def test_a_failed_background_write_is_kept_and_stops_later_writes(tmp_path):
         sink.close()
     assert isinstance(sink.error, OSError)
     assert rec.writes == [16]  # nothing after the failure reached the file
+
+
+def test_writer_files_are_the_same_bytes_either_way(tmp_path):
+    from retro_dist.replay.config import ReplayConfig
+    from retro_dist.replay.writer import ReplayWriter
+    from tests.replay.test_store import T, batch
+
+    for aligned in (True, False):
+        cfg = ReplayConfig(seal_rows=700, huge_page_writes=aligned)
+        with ReplayWriter(str(tmp_path / str(aligned)), "w0", cfg) as w:
+            for i in range(0, 2000, 300):
+                w.append(T, batch(i, i + 300))
+    seg_dirs = [tmp_path / str(a) / "segments" / T for a in (True, False)]
+    names = sorted(os.listdir(seg_dirs[0]))
+    assert names == sorted(os.listdir(seg_dirs[1])) and len(names) == 3
+    for name in names:
+        assert (seg_dirs[0] / name).read_bytes() == (seg_dirs[1] / name).read_bytes()

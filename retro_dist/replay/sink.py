@@ -72,6 +72,8 @@ class AlignedSink:
         self._flush_pending()
         if self._last is not None:
             self._last.result()
+        if self.error is not None:  # an earlier write failed: later ones were skipped
+            raise self.error
 
     def close(self) -> None:
         """Queue the last partial chunk and the close; a background error shows in `error`

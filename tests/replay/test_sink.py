@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
@@ -89,6 +90,8 @@ def test_a_failed_background_write_is_kept_and_stops_later_writes(tmp_path):
         sink = AlignedSink(rec, ex.submit, [], chunk=16)
         sink.write(b"x" * 16)  # one whole chunk: written
         sink.write(b"y" * 40)  # two more (fails), 8 bytes kept for close (never written)
+        with pytest.raises(OSError, match="No space"):
+            sink.flush()
         sink.close()
     assert isinstance(sink.error, OSError)
     assert rec.writes == [16]  # nothing after the failure reached the file

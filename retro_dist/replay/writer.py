@@ -277,10 +277,16 @@ class ReplayWriter:
         seg.stream.close()  # writes the end-of-stream marker
         seg.nbytes_final = seg.nbytes
         seg.sink.close()
-        with self._lock:
-            self._queued.append(seg)
+        # Ready for a commit only once the sealer thread has run the segment's own writes (queued
+        # just above): a commit still waiting in the queue would otherwise take it along,
+        # cataloguing a file that is not all written yet.
+        self._background(self._ready, seg)
         self._background(self._commit_queued)
         self._reap(wait=False)
+
+    def _ready(self, seg: _OpenSegment) -> None:
+        with self._lock:
+            self._queued.append(seg)
 
     def _commit_queued(self) -> None:
         """Sealer thread: commit every segment sealed so far, as one group.

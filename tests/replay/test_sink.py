@@ -112,3 +112,38 @@ def test_writer_files_are_the_same_bytes_either_way(tmp_path):
     assert names == sorted(os.listdir(seg_dirs[1])) and len(names) == 3
     for name in names:
         assert (seg_dirs[0] / name).read_bytes() == (seg_dirs[1] / name).read_bytes()
+
+
+def test_a_segment_is_catalogued_only_after_all_its_bytes_are_written(tmp_path, monkeypatch):
+    """Segment A's writes are slow; B seals meanwhile. A commit must not take B with it before
+    B's own writes (queued behind the commit) ran: a kill then would leave B catalogued but short."""
+    import time
+
+    from retro_dist.replay.catalog import StoreLocation
+    from retro_dist.replay.config import ReplayConfig
+    from retro_dist.replay.writer import ReplayWriter
+    from tests.replay.test_store import T, batch
+
+    write, calls = AlignedSink._write, []
+
+    def slow_first(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.5)  # the caller seals B while A is still being written
+        return write(self, *args)
+
+    fsync, sizes = StoreLocation.fsync, {}
+
+    def record(self, rel, directory=False):
+        if not directory:
+            sizes[rel] = os.path.getsize(self.path(rel))
+        return fsync(self, rel, directory)
+
+    monkeypatch.setattr(AlignedSink, "_write", slow_first)
+    monkeypatch.setattr(StoreLocation, "fsync", record)
+    root = tmp_path / "store"
+    with ReplayWriter(str(root), "w0", ReplayConfig(seal_rows=5)) as w:
+        w.append(T, batch(0, 10))  # A = rows 0-4, B = rows 5-9, sealed back to back
+    seg_dir = root / "segments" / T
+    final = {f"segments/{T}/{n}.tmp": (seg_dir / n).stat().st_size for n in os.listdir(seg_dir)}
+    assert len(final) == 2 and sizes == final  # each file was whole when fsynced and renamed

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_json
 from benchmarks.fake_openai_server import spawn
 from retro_dist.config import load_config
 from retro_dist.launch.train import train
@@ -121,8 +122,7 @@ def main() -> None:
               f"{int(r['lag_max']):7d}")
     print(f"async_vs_sync_speedup {result['async_vs_sync_speedup']:.2f} (target >= 1.5); "
           f"async_max_trained_lag {asyn['lag_max']} <= max_policy_lag {args.max_policy_lag}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ Targets: rows_readable = rows_committed, duplicates = 0, updates_completed = upd
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_json
 from benchmarks.faults import TrainProcess, events, kill_worker, metrics, worker_pid
 from benchmarks.vllm_server import VLLMServer
 from retro_dist.replay.audit import audit, committed_rows
@@ -123,8 +123,7 @@ def main() -> None:
                 "updates_target", "rows_committed", "rows_readable", "duplicates", "errored_episodes",
                 "wall_seconds", "targets_met"):
         print(f"{key:<22}{out[key]}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

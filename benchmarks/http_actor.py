@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from benchmarks import write_json
 from benchmarks.vllm_server import VLLMServer
 from retro_dist.config import load_config
 from retro_dist.launch.evaluate import paired_gain, run_eval
@@ -117,8 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "http_vs_in_process_train_seconds": rows[1]["train_seconds"] / rows[0]["train_seconds"]}
     print(table(rows, args.tasks), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return result
 
 

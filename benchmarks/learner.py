@@ -36,7 +36,6 @@ the ratio here is a lower bound for the real model.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -45,6 +44,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -229,8 +230,7 @@ def main() -> None:
               "tokens_per_s_vs_bare_32k", "tokens_per_s_vs_bare", "tokens_per_s_vs_bare_32k_total",
               "tokens_per_s_vs_bare_152k_total"):
         print(f"{k}: {out[k]:.3f}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ read, and the MB mapped with 2 MB entries (FilePmdMapped) says which folios the 
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import platform
@@ -37,6 +36,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from benchmarks import write_json
 
 FILE_BYTES = 48 << 20
 PIECE = 2 << 20
@@ -142,7 +143,7 @@ def table(res: dict) -> str:
             k = f"{way}_{cond}"
             out.append(f"| {label} | {cond} | {res[k + '_sys_s']:.2f} | {res[k + '_wall_s']:.2f} | "
                        f"{res[k + '_pmd_mapped_mb']:.0f} |")
-    out.append(f"2 MB pieces ÷ small, system CPU: " + ", ".join(
+    out.append("2 MB pieces ÷ small, system CPU: " + ", ".join(
         f"{cond} {res[f'huge_vs_small_sys_{cond}']:.2f}x" for cond in CONDITIONS))
     return "\n".join(out)
 
@@ -162,8 +163,7 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res)
     return 0
 
 

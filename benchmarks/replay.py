@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
+from benchmarks import write_json
 from retro_dist.core import sampling
 from retro_dist.core.records import SCHEMAS
 from retro_dist.replay.config import ReplayConfig
@@ -599,8 +600,7 @@ def main(argv=None) -> int:
             print(f"{k:36s} {v:,.3f}" if isinstance(v, float) else f"{k:36s} {v:,}")
     print(sampling_table(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res)
     return 0
 
 

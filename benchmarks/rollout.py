@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psutil
 
+from benchmarks import write_json
 from benchmarks.fake_openai_server import spawn
 from retro_dist.agents.async_backends import AsyncOpenAIClient
 from retro_dist.agents.async_policies import AsyncActorPolicy
@@ -275,8 +274,7 @@ def main() -> None:
     if args.quick:
         args.latency, args.concurrency, args.pool_sweep, args.tail_rounds = 0.2, [1, 16], [], 2
     res = run(args)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     print(f"wrote {args.json}")
 
 

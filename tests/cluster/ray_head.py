@@ -18,10 +18,14 @@ RAY = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else "ray"
 RETRO = str(VENV_BIN / "retro-dist") if (VENV_BIN / "retro-dist").exists() else "retro-dist"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid=()) -> int:
+    """A port free on loopback now, not in `avoid` (Ray refuses a port inside its worker range)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def ray_env() -> dict:
@@ -34,19 +38,30 @@ class RayHead:
     def __init__(self, num_cpus: int = 3):
         # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-        self.port, self.dash_port = free_port(), free_port()
+        lo = free_port() // 100 * 100 % 40000 + 20000  # a worker-port range of its own
+        self.worker_ports = range(lo, lo + 100)
+        self.port, self.dash_port, self.client_port, self.agent_port = self._ports(4)
         self.num_cpus = num_cpus
         self.gcs = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
 
+    def _ports(self, n: int) -> list[int]:
+        """n distinct free ports, none inside the worker-port range."""
+        ports: list[int] = []
+        while len(ports) < n:
+            port = free_port(self.worker_ports)
+            if port not in ports:
+                ports.append(port)
+        return ports
+
     def start(self, timeout: float = 90) -> "RayHead":
-        lo = free_port() // 100 * 100 % 40000 + 20000  # a worker-port range of its own
+        lo, hi = self.worker_ports[0], self.worker_ports[-1]
         cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
-               f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}", "--disable-usage-stats",
+               f"--min-worker-port={lo}", f"--max-worker-port={hi}", "--disable-usage-stats",
                # fixed defaults (10001, 52365) would clash with another head on this host
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+               f"--ray-client-server-port={self.client_port}", f"--dashboard-agent-listen-port={self.agent_port}"]
         out = subprocess.run(cmd, cwd=ROOT, env=ray_env(), capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
             self.stop()

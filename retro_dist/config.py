@@ -320,6 +320,17 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _override_value(raw: str):
+    """An override's value, typed as YAML reads it (`5`, `1e-3`, `[a, b]`, `{k: v}`), except that text
+    YAML cannot read or would read as a block mapping stays a string, as the shell gave it:
+    `env.game_params=coin: numLocations=6; mapreader: numLocations=11`."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw.strip()
+    return raw.strip() if isinstance(value, dict) and not raw.lstrip().startswith("{") else value
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """YAML file (or defaults when None) + `key.sub=value` overrides -> validated Config."""
     data: dict = {}
@@ -335,7 +346,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        _set_dotted(data, key.strip(), _override_value(raw))
     cfg = _build(Config, data, "")
     from retro_dist.config_rules import validate  # the rules import this module's dataclasses
 

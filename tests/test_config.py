@@ -60,6 +60,13 @@ def test_overrides_are_typed():
     assert cfg.rollout.trials == 5 and cfg.learner.lr == 1e-3 and cfg.env.games == ["twx/coin", "twx/sorting"]
 
 
+def test_override_text_with_colons_stays_a_string():
+    per_game = "coin: numLocations=6,includeDoors=0; mapreader: numLocations=11"
+    assert load_config("configs/retro-mix.yaml", [f"env.game_params={per_game}"]).env.game_params == per_game
+    one_game = "coin: numLocations=6"  # YAML alone would read this as a mapping
+    assert load_config("configs/local.yaml", [f"env.game_params={one_game}"]).env.game_params == one_game
+
+
 def test_reference_documents_every_key():
     ref = config_reference()
     hints = typing.get_type_hints(Config)

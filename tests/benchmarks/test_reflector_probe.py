@@ -1,0 +1,59 @@
+"""benchmarks/reflector_probe.py: the labels are the prompt's own answer, and a short run on the tiny
+model reports every figure (a random exit, the base model, a saved adapter, the SFT curve)."""
+import json
+import random
+
+import pytest
+
+from benchmarks import reflector_probe
+
+pytestmark = pytest.mark.component
+pytest.importorskip("textworld_express")
+
+
+def _args(tiny_model, tmp_path, *more):
+    return ["--config", "configs/retro-mix-wide.yaml", "--set", f"reflector.model={tiny_model}",
+            "--train-tasks", "8", "--test-tasks", "6", "--moves", "2", "--epochs", "2", "--batch", "4",
+            "--json", str(tmp_path / "probe.json"), *more]
+
+
+def test_each_label_is_the_way_to_the_room_the_task_names(in_repo, tiny_model):
+    from retro_dist.agents.backends import load_tokenizer
+    from retro_dist.config import load_config
+    from retro_dist.envs.twx import TwxFamily
+
+    cfg = load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
+    tok = load_tokenizer(tiny_model)
+    data = reflector_probe.examples(TwxFamily(cfg.env), "test", 5, 2, tok, random.Random(0))
+    assert len(data) == 5
+    for ids, want, exits in data:
+        text = tok.decode(ids)
+        room = reflector_probe._ROOM.search(text).group(1)
+        start = text.split("\n")[2]  # Game:, Task:, then the start room (compacted)
+        assert f"To the {want.capitalize()} you see the {room}." in start
+        assert exits == start.count("you see the ")
+        assert text.rstrip().endswith("In the next trial I will")
+
+
+def test_a_short_run_reports_every_figure(in_repo, tiny_model, tmp_path):
+    # a saved adapter to score: the fresh LoRA of the same shape, written the way checkpoints are
+    import torch
+    from safetensors.torch import save_file
+    from retro_dist.config import load_config
+    from retro_dist.learner.policy import PolicyModel
+
+    cfg = load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu")).lora_state(),
+              str(ckpt / "adapter_model.safetensors"))
+    assert reflector_probe.main(_args(tiny_model, tmp_path, "--adapter", str(ckpt))) == 0
+    res = json.loads((tmp_path / "probe.json").read_text())
+    assert (res["train_maps"], res["test_maps"]) == (8, 6)
+    acc = res["accuracy"]
+    assert set(acc) == {"a random exit", "base model", f"adapter {ckpt}", "SFT, 16 examples"}
+    assert 0.25 <= acc["a random exit"] <= 1 and all(0 <= a <= 1 for a in acc.values())
+    # a LoRA whose B is zero is the base model: the same greedy moves
+    assert acc[f"adapter {ckpt}"] == acc["base model"]
+    assert [c["examples"] for c in res["sft_curve"]] == [8, 16]
+    assert all(c["loss"] > 0 for c in res["sft_curve"])

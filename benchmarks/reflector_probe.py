@@ -74,6 +74,16 @@ def accuracy(policy: PolicyModel, data: list[Example], batch: int = 50) -> float
     return hits / len(data)
 
 
+def trainable(policy: PolicyModel, full: bool) -> list[torch.Tensor]:
+    """The LoRA parameters, or with `full` every weight of the model (the base unfrozen)."""
+    if not full:
+        return policy.params
+    params = list(policy.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def sft_epoch(policy: PolicyModel, opt: torch.optim.Optimizer, data: list[Example], batch: int,
               rng: random.Random) -> float:
     """One pass of cross-entropy on " move <the right way>" after each prompt; the last batch's loss."""
@@ -102,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None, help="default: learner.lr")
+    ap.add_argument("--full-finetune", action="store_true",
+                    help="train every weight of the model, not only the LoRA (is the rank the limit?)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -124,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         policy.load_lora_state(load_file(str(Path(args.adapter) / "adapter_model.safetensors")), args.adapter)
         rows.append((f"adapter {args.adapter}", accuracy(policy, test)))
         policy.load_lora_state(saved, "the fresh LoRA")
-    opt = torch.optim.AdamW(policy.params, lr=args.lr or cfg.learner.lr)
+    opt = torch.optim.AdamW(trainable(policy, args.full_finetune), lr=args.lr or cfg.learner.lr)
     curve, t0 = [], time.time()
     for epoch in range(1, args.epochs + 1):
         loss = sft_epoch(policy, opt, train, args.batch, rng)
         curve.append({"examples": epoch * len(train), "loss": loss, "held_out_accuracy": accuracy(policy, test)})
-    rows.append((f"SFT, {curve[-1]['examples']} examples", curve[-1]["held_out_accuracy"]))
+    how = "full fine-tuning" if args.full_finetune else "LoRA SFT"
+    rows.append((f"{how}, {curve[-1]['examples']} examples", curve[-1]["held_out_accuracy"]))
     print(f"{GAME}: greedy first move toward the task's room, {len(test)} held-out test maps "
           f"({len(train)} train maps, SFT {time.time() - t0:.0f} s)")
     print(f"{'reflector':<60} accuracy")
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<60} {acc:.3f}")
     write_json(args.json, {"config": args.config, "game": f"twx/{GAME}", "train_maps": len(train),
                            "test_maps": len(test), "accuracy": dict(rows), "sft_curve": curve,
-                           "lr": args.lr or cfg.learner.lr, "lora_rank": cfg.reflector.lora_rank})
+                           "lr": args.lr or cfg.learner.lr, "lora_rank": cfg.reflector.lora_rank,
+                           "full_finetune": args.full_finetune})
     return 0
 
 

@@ -51,9 +51,28 @@ def test_a_short_run_reports_every_figure(in_repo, tiny_model, tmp_path):
     res = json.loads((tmp_path / "probe.json").read_text())
     assert (res["train_maps"], res["test_maps"]) == (8, 6)
     acc = res["accuracy"]
-    assert set(acc) == {"a random exit", "base model", f"adapter {ckpt}", "SFT, 16 examples"}
+    assert set(acc) == {"a random exit", "base model", f"adapter {ckpt}", "LoRA SFT, 16 examples"}
     assert 0.25 <= acc["a random exit"] <= 1 and all(0 <= a <= 1 for a in acc.values())
     # a LoRA whose B is zero is the base model: the same greedy moves
     assert acc[f"adapter {ckpt}"] == acc["base model"]
     assert [c["examples"] for c in res["sft_curve"]] == [8, 16]
     assert all(c["loss"] > 0 for c in res["sft_curve"])
+
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_sft_moves_the_base_weights_only_with_full_finetune(in_repo, tiny_model, full):
+    import torch
+    from retro_dist.config import load_config
+    from retro_dist.envs.twx import TwxFamily
+    from retro_dist.learner.policy import PolicyModel
+
+    cfg = load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
+    policy = PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu"))
+    data = reflector_probe.examples(TwxFamily(cfg.env), "train", 4, 2, policy.tokenizer, random.Random(0))
+    embed = policy.model.get_input_embeddings().weight
+    before, lora = embed.detach().clone(), policy.trainable_vector()
+    opt = torch.optim.AdamW(reflector_probe.trainable(policy, full), lr=1e-3)
+    assert reflector_probe.sft_epoch(policy, opt, data, 4, random.Random(0)) > 0
+    assert not torch.equal(policy.trainable_vector(), lora)  # the LoRA trains either way
+    assert torch.equal(embed.detach(), before) != full

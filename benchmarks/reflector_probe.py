@@ -26,6 +26,7 @@ from benchmarks import write_json
 from retro_dist.agents.prompts import reflection_prompt
 from retro_dist.config import load_config
 from retro_dist.envs.twx import TwxFamily
+from retro_dist.learner import checkpoints
 from retro_dist.learner.batches import collate
 from retro_dist.learner.policy import PolicyModel
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/retro-mix-wide.yaml", help="env.game_params and the reflector")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
-    ap.add_argument("--adapter", help="a checkpoint folder (adapter_model.safetensors) to score beside the base")
+    ap.add_argument("--adapter", help="a checkpoint folder to score beside the base")
     ap.add_argument("--train-tasks", type=int, default=1000)
     ap.add_argument("--test-tasks", type=int, default=200)
     ap.add_argument("--moves", type=int, default=6, help="random moves in each failed first trial")
@@ -130,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     with policy.model.disable_adapter():
         rows.append(("base model", accuracy(policy, test)))
     if args.adapter:
-        from safetensors.torch import load_file
-
         saved = policy.lora_state()
-        policy.load_lora_state(load_file(str(Path(args.adapter) / "adapter_model.safetensors")), args.adapter)
+        checkpoints.load_adapter(Path(args.adapter), policy)
         rows.append((f"adapter {args.adapter}", accuracy(policy, test)))
         policy.load_lora_state(saved, "the fresh LoRA")
     opt = torch.optim.AdamW(trainable(policy, args.full_finetune), lr=args.lr or cfg.learner.lr)

@@ -138,12 +138,19 @@ def _download(fs, remote: str, uri: str) -> Path:
     return local
 
 
-def load(folder: Path, policy, optimizer: torch.optim.Optimizer) -> dict:
-    """Load adapter and optimizer into `policy` / `optimizer`; returns the JSON state (version, steps, ...)."""
+def load_adapter(folder: Path, policy) -> None:
+    """Load a checkpoint's LoRA weights into `policy`, after checking they have its shape and scale."""
     from safetensors.torch import load_file
 
     policy.check_adapter_config(json.loads((folder / "adapter_config.json").read_text()), str(folder))
     policy.load_lora_state(load_file(str(folder / "adapter_model.safetensors")), f"checkpoint {folder}")
+
+
+def load(folder: Path, policy, optimizer: torch.optim.Optimizer) -> dict:
+    """Load adapter and optimizer into `policy` / `optimizer`; returns the JSON state (version, steps, ...)."""
+    from safetensors.torch import load_file
+
+    load_adapter(folder, policy)
     if not (folder / STATE_JSON).is_file():
         # the baseline's EMAs were numpy float64 scalars: allow exactly those types, nothing else
         numpy_scalars = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]

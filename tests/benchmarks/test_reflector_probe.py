@@ -4,8 +4,13 @@ import json
 import random
 
 import pytest
+import torch
 
 from benchmarks import reflector_probe
+from retro_dist.agents.backends import load_tokenizer
+from retro_dist.config import load_config
+from retro_dist.envs.twx import TwxFamily
+from retro_dist.learner.policy import PolicyModel
 
 pytestmark = pytest.mark.component
 pytest.importorskip("textworld_express")
@@ -17,12 +22,12 @@ def _args(tiny_model, tmp_path, *more):
             "--json", str(tmp_path / "probe.json"), *more]
 
 
-def test_each_label_is_the_way_to_the_room_the_task_names(in_repo, tiny_model):
-    from retro_dist.agents.backends import load_tokenizer
-    from retro_dist.config import load_config
-    from retro_dist.envs.twx import TwxFamily
+def _config(tiny_model):
+    return load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
 
-    cfg = load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
+
+def test_each_label_is_the_way_to_the_room_the_task_names(in_repo, tiny_model):
+    cfg = _config(tiny_model)
     tok = load_tokenizer(tiny_model)
     data = reflector_probe.examples(TwxFamily(cfg.env), "test", 5, 2, tok, random.Random(0))
     assert len(data) == 5
@@ -37,16 +42,9 @@ def test_each_label_is_the_way_to_the_room_the_task_names(in_repo, tiny_model):
 
 def test_a_short_run_reports_every_figure(in_repo, tiny_model, tmp_path):
     # a saved adapter to score: the fresh LoRA of the same shape, written the way checkpoints are
-    import torch
-    from safetensors.torch import save_file
-    from retro_dist.config import load_config
-    from retro_dist.learner.policy import PolicyModel
-
-    cfg = load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
+    cfg = _config(tiny_model)
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    save_file(PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu")).lora_state(),
-              str(ckpt / "adapter_model.safetensors"))
+    PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu")).model.save_pretrained(ckpt)
     assert reflector_probe.main(_args(tiny_model, tmp_path, "--adapter", str(ckpt))) == 0
     res = json.loads((tmp_path / "probe.json").read_text())
     assert (res["train_maps"], res["test_maps"]) == (8, 6)
@@ -59,15 +57,9 @@ def test_a_short_run_reports_every_figure(in_repo, tiny_model, tmp_path):
     assert all(c["loss"] > 0 for c in res["sft_curve"])
 
 
-
 @pytest.mark.parametrize("full", [False, True])
 def test_sft_moves_the_base_weights_only_with_full_finetune(in_repo, tiny_model, full):
-    import torch
-    from retro_dist.config import load_config
-    from retro_dist.envs.twx import TwxFamily
-    from retro_dist.learner.policy import PolicyModel
-
-    cfg = load_config("configs/retro-mix-wide.yaml", [f"reflector.model={tiny_model}"])
+    cfg = _config(tiny_model)
     policy = PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu"))
     data = reflector_probe.examples(TwxFamily(cfg.env), "train", 4, 2, policy.tokenizer, random.Random(0))
     embed = policy.model.get_input_embeddings().weight

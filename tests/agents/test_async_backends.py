@@ -121,12 +121,18 @@ class CompletionsServer:
         writer.close()
 
 
+# The default backoff (6 retries, up to 30 s apart) made the two failures below wait 90 s; the retry
+# schedule itself is tested in tests/integration/test_endpoint_restart.py.
+QUICK_RETRIES = dict(max_retries=2, retry_backoff_s=0.01, retry_backoff_max_s=0.02)
+
+
 @pytest.mark.component
 def test_openai_client_keeps_requests_in_flight_concurrently():
     async def main():
         server = CompletionsServer(delay=0.2)
         url = await server.start()
-        cfg = ActorConfig(backend="openai", model="tiny", base_url=url, max_new_tokens=6, temperature=0.7)
+        cfg = ActorConfig(backend="openai", model="tiny", base_url=url, max_new_tokens=6, temperature=0.7,
+                          **QUICK_RETRIES)
         actor = AsyncActorPolicy(cfg, AsyncOpenAIClient(cfg))
         actions = await asyncio.gather(*(actor.act(f"Game: x\n> {i}", seed=i) for i in range(8)))
         with pytest.raises(BackendError, match="500"):
@@ -142,7 +148,7 @@ def test_openai_client_keeps_requests_in_flight_concurrently():
     assert all(b["model"] == "tiny" and b["stop"] == ["\n"] and b["max_tokens"] == 6 for b in server.bodies)
 
     async def refused():  # the server is gone: one clear BackendError, not a hang
-        cfg = ActorConfig(backend="openai", model="tiny", base_url=url, request_timeout_s=2.0)
+        cfg = ActorConfig(backend="openai", model="tiny", base_url=url, request_timeout_s=2.0, **QUICK_RETRIES)
         client = AsyncOpenAIClient(cfg)
         try:
             await client.generate_text("x", 4, 0.0)

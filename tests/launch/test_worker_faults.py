@@ -63,6 +63,7 @@ def test_sync_run_survives_a_killed_worker(tmp_path, in_repo, tiny_model):
             assert make_key("run", 1, ep, 0) in keys
 
 
+@pytest.mark.chaos  # about 110 s on 2 cores; the sync test above covers the same restart in make test
 def test_async_run_survives_a_killed_worker(tmp_path, in_repo, tiny_model):
     run_dir, before = _run_with_a_kill(
         tmp_path, in_repo, "configs/test-async.yaml",

@@ -8,15 +8,22 @@ maps, by cross-entropy, and reads its greedy first move on held-out test maps. B
 side: a random exit, the base model, and a trained adapter (`--adapter`, e.g. a run's final
 checkpoint). Each prompt is the run's reflector prompt for a failed first trial of random moves.
 
+Two questions about the limit, when SFT does not generalise: is it the data (`--extra-sizes 5,7,9`:
+train maps of other sizes as well, `--train-tasks` of each, for more distinct maps than the fold's
+1,000) or the model's size (`--fresh-model 4x256`: a randomly initialised Llama of 4 layers, 256 wide,
+with the reflector's tokenizer, every weight trained)?
+
     python -m benchmarks.reflector_probe --config configs/retro-mix-wide.yaml \
         --adapter runs/campaigns/retro-mix-wide/seed-0/checkpoints/000055 --json PATH
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +36,8 @@ from retro_dist.envs.twx import TwxFamily
 from retro_dist.learner import checkpoints
 from retro_dist.learner.batches import collate
 from retro_dist.learner.policy import PolicyModel
+
+_NUM_LOCATIONS = re.compile(r"(mapreader:[^;]*numLocations=)\d+")
 
 GAME = "mapreader"
 _ROOM = re.compile(r"located in the ([a-z ]+),")
@@ -75,6 +84,35 @@ def accuracy(policy: PolicyModel, data: list[Example], batch: int = 50) -> float
     return hits / len(data)
 
 
+def with_num_locations(game_params: str, n: int) -> str:
+    """`env.game_params` with mapreader's map size set to `n` rooms."""
+    if not _NUM_LOCATIONS.search(game_params):
+        raise ValueError(f"--extra-sizes needs numLocations in mapreader's env.game_params, got {game_params!r}")
+    return _NUM_LOCATIONS.sub(rf"\g<1>{n}", game_params)
+
+
+def fresh_model(tokenizer_from: str, shape: str, out: Path) -> str:
+    """A randomly initialised Llama of shape "LAYERSxWIDTH" (head_dim 64, MLP 2x wide) with the
+    tokenizer of `tokenizer_from`, written as a checkpoint folder the learner's loader reads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retro_dist.agents.backends import load_tokenizer
+
+    try:
+        layers, width = (int(x) for x in shape.lower().split("x"))
+        assert layers > 0 and width > 0 and width % 64 == 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"--fresh-model wants LAYERSxWIDTH with WIDTH a multiple of 64, e.g. 4x256; got {shape!r}") from None
+    tok = load_tokenizer(tokenizer_from)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=width // 64, num_key_value_heads=width // 64,
+                         head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 def trainable(policy: PolicyModel, full: bool) -> list[torch.Tensor]:
     """The LoRA parameters, or with `full` every weight of the model (the base unfrozen)."""
     if not full:
@@ -115,17 +153,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="default: learner.lr")
     ap.add_argument("--full-finetune", action="store_true",
                     help="train every weight of the model, not only the LoRA (is the rank the limit?)")
+    ap.add_argument("--extra-sizes", default="", metavar="N,N,...",
+                    help="also train on --train-tasks maps of each of these mapreader sizes (numLocations)")
+    ap.add_argument("--fresh-model", metavar="LAYERSxWIDTH",
+                    help="a randomly initialised Llama of this shape instead of the reflector's model (needs --full-finetune)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     if f"twx/{GAME}" not in cfg.env.games:
         sys.exit(f"reflector_probe: {args.config} has no twx/{GAME} in env.games")
-    torch.manual_seed(args.seed)
+    if args.fresh_model and not args.full_finetune:
+        sys.exit("reflector_probe: --fresh-model trains a random model, which needs --full-finetune")
+    torch.manual_seed(args.seed)  # the fresh model's weights and the LoRA's
+    try:
+        sizes = [int(n) for n in args.extra_sizes.split(",") if n.strip()]
+        extra = [dataclasses.replace(cfg.env, game_params=with_num_locations(cfg.env.game_params, n)) for n in sizes]
+        with tempfile.TemporaryDirectory() as scratch:
+            if args.fresh_model:
+                model = fresh_model(cfg.reflector.model, args.fresh_model, Path(scratch))
+                cfg.reflector = dataclasses.replace(cfg.reflector, model=model)
+            policy = PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu"))
+    except ValueError as err:
+        sys.exit(f"reflector_probe: {err}")
     rng = random.Random(args.seed)
-    policy = PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu"))
     family = TwxFamily(cfg.env)
     train = examples(family, "train", args.train_tasks, args.moves, policy.tokenizer, rng)
+    for env_cfg in extra:
+        train += examples(TwxFamily(env_cfg), "train", args.train_tasks, args.moves, policy.tokenizer, rng)
     test = examples(family, "test", args.test_tasks, args.moves, policy.tokenizer, rng)
     rows = [("a random exit", sum(1 / n for _, _, n in test) / len(test))]
     with policy.model.disable_adapter():
@@ -150,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {"config": args.config, "game": f"twx/{GAME}", "train_maps": len(train),
                            "test_maps": len(test), "accuracy": dict(rows), "sft_curve": curve,
                            "lr": args.lr or cfg.learner.lr, "lora_rank": cfg.reflector.lora_rank,
-                           "full_finetune": args.full_finetune})
+                           "full_finetune": args.full_finetune, "extra_sizes": sizes,
+                           "fresh_model": args.fresh_model, "parameters": sum(p.numel() for p in policy.model.parameters())})
     return 0
 
 

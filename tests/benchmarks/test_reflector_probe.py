@@ -68,3 +68,21 @@ def test_sft_moves_the_base_weights_only_with_full_finetune(in_repo, tiny_model,
     assert reflector_probe.sft_epoch(policy, opt, data, 4, random.Random(0)) > 0
     assert not torch.equal(policy.trainable_vector(), lora)  # the LoRA trains either way
     assert torch.equal(embed.detach(), before) != full
+
+
+def test_extra_sizes_and_a_fresh_model(in_repo, tiny_model, tmp_path):
+    params = "coin: numLocations=6; mapreader: numLocations=11,maxDistanceApart=1"
+    assert reflector_probe.with_num_locations(params, 5) == "coin: numLocations=6; mapreader: numLocations=5,maxDistanceApart=1"
+    with pytest.raises(ValueError, match="numLocations in mapreader"):
+        reflector_probe.with_num_locations("coin: numLocations=6", 5)
+    args = _args(tiny_model, tmp_path, "--extra-sizes", "5", "--fresh-model", "1x64", "--full-finetune")
+    assert reflector_probe.main(args) == 0
+    res = json.loads((tmp_path / "probe.json").read_text())
+    assert res["train_maps"] == 16 and res["extra_sizes"] == [5] and res["fresh_model"] == "1x64"
+    tiny = sum(p.numel() for p in PolicyModel(_config(tiny_model).reflector, _config(tiny_model).learner,
+                                              torch.device("cpu")).model.parameters())
+    assert 0 < res["parameters"] < tiny  # one 64-wide layer, not the tiny model's two of 128
+    with pytest.raises(SystemExit, match="needs --full-finetune"):
+        reflector_probe.main(_args(tiny_model, tmp_path, "--fresh-model", "1x64"))
+    with pytest.raises(SystemExit, match="LAYERSxWIDTH"):
+        reflector_probe.main(_args(tiny_model, tmp_path, "--fresh-model", "4by256", "--full-finetune"))

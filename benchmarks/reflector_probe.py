@@ -98,11 +98,10 @@ def fresh_model(tokenizer_from: str, shape: str, out: Path) -> str:
 
     from retro_dist.agents.backends import load_tokenizer
 
-    try:
-        layers, width = (int(x) for x in shape.lower().split("x"))
-        assert layers > 0 and width > 0 and width % 64 == 0
-    except (ValueError, AssertionError):
-        raise ValueError(f"--fresh-model wants LAYERSxWIDTH with WIDTH a multiple of 64, e.g. 4x256; got {shape!r}") from None
+    parts = shape.lower().split("x")
+    layers, width = (int(x) for x in parts) if len(parts) == 2 and all(x.isdigit() for x in parts) else (0, 0)
+    if layers < 1 or width < 64 or width % 64:
+        raise ValueError(f"--fresh-model wants LAYERSxWIDTH with WIDTH a multiple of 64, e.g. 4x256; got {shape!r}")
     tok = load_tokenizer(tokenizer_from)
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, hidden_size=width, intermediate_size=2 * width,

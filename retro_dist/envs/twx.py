@@ -165,7 +165,8 @@ class TwxFamily:
         """Shortest plan from the state after `prefix`, by breadth-first search over moves (the
         game's gold path can wander through rooms off the shortest route). `coin`: walk until
         `take coin` is valid. `mapreader`: walk to the coin, take it, and walk back the same way to
-        put it in the box.
+        put it in the box. `peckingorder`: the gold path's takes, in order (reading the instructions
+        book before each take is for who does not know the order yet).
         Other games use the gold path (from the start only)."""
         env = self._env()
         prefix = list(prefix)
@@ -183,7 +184,14 @@ class TwxFamily:
                 back = self._walk_to(env, task, prefix + out, MAPREADER_GOAL, 2 * max_depth)
                 return None if back is None else out + back
             return self._walk_to(env, task, prefix, MAPREADER_GOAL, max_depth)
-        return None if prefix else env.gold_path(task)
+        if prefix:
+            return None
+        gold = env.gold_path(task)
+        return order_of(gold) if task.env_name in ORDER_GAMES else gold
+
+    def gold_path(self, task: Task) -> list[str]:
+        """The game's own solution (`look around` left out): peckingorder reads the book before each take."""
+        return self._env().gold_path(task)
 
     @staticmethod
     def plan_for_route(task: Task, route: list[str]) -> list[str]:
@@ -218,9 +226,17 @@ class TwxFamily:
 MAPREADER_GOAL = "put coin in box"
 # games whose plans are a route through the map and then the goal (`plan_for_route`)
 ROUTE_GAMES = ("twx/coin", "twx/mapreader")
+# games whose plan is an order read one step at a time (peckingorder: the instructions book names the
+# next item to take; a wrong take ends the game), so a failed trial has read the order's first items
+ORDER_GAMES = ("twx/peckingorder",)
 _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 
 def reverse_move(move: str) -> str:
     """`move north` -> `move south`: the step that undoes a move (searches skip it)."""
     return "move " + _OPPOSITE.get(move.split()[-1], "")
+
+
+def order_of(plan: list[str]) -> list[str]:
+    """The takes of a plan, in order: the order itself, without the reading between them."""
+    return [a for a in plan if a.startswith("take ")]

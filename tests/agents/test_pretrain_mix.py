@@ -59,3 +59,53 @@ def test_first_move_follows_the_newest_plan_in_memory(examples):
 
 def _back(move: str) -> str:
     return "move " + {"north": "south", "south": "north", "east": "west", "west": "east"}[move.split()[1]]
+
+
+@pytest.fixture(scope="module")
+def order_examples():
+    return build_examples(load_config("configs/retro-mix-order.yaml").env, n_tasks=3, seed=0)
+
+
+def test_peckingorders_oracle_plan_is_the_order_and_solves_the_game():
+    """The shortest plan is the takes alone; the game's own solution reads the book before each."""
+    from retro_dist.envs.registry import family
+
+    fam = family("twx", load_config("configs/retro-mix-order.yaml").env)
+    task = fam.tasks("peckingorder", "test", 1)[0]
+    plan, gold = fam.oracle_plan(task), fam.gold_path(task)
+    assert len(plan) == 4 and all(a.startswith("take ") for a in plan)
+    assert gold == [a for pair in zip(["read instructions book"] * 4, plan) for a in pair]
+    env = fam.make()
+    try:
+        env.reset(task)
+        obs = [env.step(a) for a in plan]
+        assert obs[-1].success and not any(o.done for o in obs[:-1])
+        env.reset(task)
+        wrong = next(a for a in plan[1:] if a != plan[0])
+        assert env.step(wrong).done and not env.step("read instructions book").success  # a wrong take ends it
+    finally:
+        env.close()
+
+
+def test_the_actor_follows_an_orders_takes_then_reads_on(order_examples):
+    """Advice is followed take by take while its item is in the room; once used up, the actor reads."""
+    assert {e.prompt.split("\n", 1)[0] for e in order_examples} == {"Game: twx/coin", "Game: twx/peckingorder"}
+    followed = read_on = 0
+    for e in order_examples:
+        plan = _newest_plan(e.prompt) if e.prompt.startswith("Game: twx/peckingorder\n") else None
+        if not plan:
+            continue
+        here = e.prompt.rsplit("Trial ", 1)[1].split("\n", 1)[1]  # the trajectory so far
+        done = re.findall(r"^> (.*)$", here, flags=re.M)
+        if done != plan[: len(done)]:
+            continue  # left the plan: an item that was not there
+        if len(done) < len(plan):
+            nxt = plan[len(done)]
+            item = nxt.split(" ", 1)[1]
+            if nxt.startswith("read ") or re.search(rf"\ban? {re.escape(item)}\b", here.split("\n", 1)[0]):
+                assert e.action == nxt, (e.prompt, e.action)
+                followed += 1
+        elif all(a.startswith("take ") for a in plan):
+            assert e.action == "read instructions book", (e.prompt, e.action)  # the rest of the order
+            read_on += 1
+    assert followed > 0 and read_on > 0

@@ -77,28 +77,39 @@ def _routes(env, task, depth: int) -> list[list[str]]:
     return out
 
 
+class _Trial:
+    """One trial recorded as it is played: `emit(action)` keeps the actor's prompt before the action
+    as an example, then steps the game."""
+
+    def __init__(self, env, task, memory: list[str]):
+        self.env, self.task, self.memory = env, task, memory
+        self.instruction, self.obs = env.reset(task)
+        self.first, self.steps, self.examples = self.obs.text, [], []
+
+    def emit(self, action: str) -> None:
+        prompt = prompts.actor_prompt(self.task.env_name, self.instruction, self.memory, self.first, self.steps)
+        self.examples.append(Example(prompt, action))
+        self.obs = self.env.step(action)
+        self.steps.append((action, self.obs.text))
+
+    def actions(self) -> list[str]:
+        return [a for a, _ in self.steps]
+
+
 def _follow(env, fam, task, memory: list[str], route: list[str]) -> list[Example]:
     """Follow the newest plan literally; finish as soon as the goal is one action away; once the
     plan is used up, continue with the oracle plan from there. Teaches reading the plan, not the map."""
-    instruction, obs = env.reset(task)
-    first, steps, out = obs.text, [], []
-
-    def emit(action):
-        nonlocal obs
-        out.append(Example(prompts.actor_prompt(task.env_name, instruction, memory, first, steps), action))
-        obs = env.step(action)
-        steps.append((action, obs.text))
-
+    trial = _Trial(env, task, memory)
     for move in route:
-        rest = fam.oracle_plan(task, prefix=[a for a, _ in steps])
+        rest = fam.oracle_plan(task, prefix=trial.actions())
         if rest and not rest[0].startswith("move "):
             break  # the goal is in reach (the coin here): take it, whatever the plan says next
-        if move not in (obs.valid_actions or []):
+        if move not in (trial.obs.valid_actions or []):
             break
-        emit(move)
-    for action in fam.oracle_plan(task, prefix=[a for a, _ in steps]) or []:
-        emit(action)
-    return out
+        trial.emit(move)
+    for action in fam.oracle_plan(task, prefix=trial.actions()) or []:
+        trial.emit(action)
+    return trial.examples
 
 
 def route_of(plan: list[str]) -> list[str]:
@@ -174,24 +185,16 @@ def _order_examples(env, task, gold: list[str], rng: random.Random, foreign: lis
 def _follow_order(env, task, memory: list[str], plan: list[str], gold: list[str]) -> list[Example]:
     """Follow the newest plan literally until it runs out, names an action that is not valid here, or
     the game ends (a wrong take ends it); then the game's solution from the takes made so far."""
-    instruction, obs = env.reset(task)
-    first, steps, out = obs.text, [], []
-
-    def emit(action):
-        nonlocal obs
-        out.append(Example(prompts.actor_prompt(task.env_name, instruction, memory, first, steps), action))
-        obs = env.step(action)
-        steps.append((action, obs.text))
-
+    trial = _Trial(env, task, memory)
     for action in plan:
-        if action not in (obs.valid_actions or []):
+        if action not in (trial.obs.valid_actions or []):
             break
-        emit(action)
-        if obs.done:
-            return out
-    for action in gold[2 * len(order_of([a for a, _ in steps])):]:  # the solution reads, then takes
-        emit(action)
-    return out
+        trial.emit(action)
+        if trial.obs.done:
+            return trial.examples
+    for action in gold[2 * len(order_of(trial.actions())):]:  # the solution reads, then takes
+        trial.emit(action)
+    return trial.examples
 
 
 def train_actor(examples: list[Example], base: str, output: str, minutes: Optional[float],

@@ -30,14 +30,16 @@ def cumulative_success(first_success: Sequence[Optional[int]], trials: int) -> n
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (well-behaved near 0 and 1)."""
+    """Wilson score interval for a binomial proportion (well-behaved near 0 and 1). It always holds the
+    observed rate: at 0 successes rounding can put `centre - half` a hair above 0 (1e-18), which made
+    eval.png's error bars negative and stopped `retro-dist eval` after its tables were written."""
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tuple[float, float, float]:

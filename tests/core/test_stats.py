@@ -73,3 +73,11 @@ def test_learning_summary_of_a_run_without_rollouts_is_none():
     s = learning_summary([{"interval": 0, "rollout/success@trial0": nan},
                           {"interval": 1, "rollout/success@trial0": 0.25}], trials=1)
     assert s["first"]["step"] == [1, 1] and "reflection_reward" not in s
+
+
+def test_wilson_interval_always_holds_the_observed_rate():
+    """At 0 of 100 the formula's lower end rounds to a hair above 0: eval.png's error bars went negative."""
+    for n in range(1, 1001):
+        for s in (0, 1, n // 2, n - 1, n):
+            lo, hi = wilson_interval(s, n)
+            assert 0.0 <= lo <= s / n <= hi <= 1.0, (s, n, lo, hi)
